@@ -1,0 +1,34 @@
+# mrdiff: `make demo` trains the quickstart model and evaluates it; `make test` runs the test suite.
+# Each target installs what it needs into .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(BIN)/pytest -q
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+bench: $(STAMP)
+	$(BIN)/python -m mrdiff.bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check mrdiff tests
+
+clean:
+	rm -rf runs wandb lightning_logs .pytest_cache

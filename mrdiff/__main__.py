@@ -1,0 +1,3 @@
+from mrdiff.cli import main
+
+main()

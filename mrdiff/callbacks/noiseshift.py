@@ -1,0 +1,126 @@
+"""NoiseShift calibration of a trained model: the function behind `mrdiff calibrate` and its callback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from mrdiff.callbacks.ema import ema_weights
+from mrdiff.callbacks.media import log_figure
+from mrdiff.data.datamodule import MultiResDataModule
+from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, calibrate
+from mrdiff.diffusion.samplers import ddim_timesteps
+from mrdiff.module import DiffusionModule
+
+
+def sampler_timesteps(num_timesteps: int, sampler: str, steps: int) -> list[int]:
+    """The timesteps a sampler visits: all T for DDPM, the DDIM subsequence otherwise."""
+    return list(range(num_timesteps - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(num_timesteps, steps)
+
+
+@torch.no_grad()
+def calibrate_model(
+    model: DiffusionModule,
+    datamodule: MultiResDataModule,
+    resolutions: Sequence[tuple[int, int]],
+    timesteps: Sequence[int],
+    settings: SearchSettings,
+    *,
+    checkpoint: str | None = None,
+    progress: bool = True,
+) -> NoiseShiftTable:
+    """A table with one calibration per resolution, on data images prepared at that resolution."""
+    table = NoiseShiftTable.new(model.schedule, checkpoint=checkpoint, settings=settings,
+                                data=datamodule.describe())
+    was_training = model.training
+    model.eval()
+    try:
+        for height, width in resolutions:
+            start = time.perf_counter()
+            images = torch.cat(list(datamodule.reference_images(height, width, settings.num_images)))
+            grid, scale = model.canvas_inputs(height, width)
+            calibration = calibrate(model.eps_fn(grid, scale), model.schedule, images.to(model.device),
+                                    timesteps, settings, progress=progress)
+            key = NoiseShiftTable.resolution_key(height, width)
+            table.add(key, calibration)
+            shift = np.asarray(calibration.t_hat) - np.asarray(calibration.t)
+            print(f"mrdiff: NoiseShift {key}: {len(timesteps)} timesteps in {time.perf_counter() - start:.1f}s, "
+                  f"t̂ − t from {shift.min():+.1f} to {shift.max():+.1f}")
+    finally:
+        model.train(was_training)
+    return table
+
+
+def plot_table(table: NoiseShiftTable, path: Path) -> Path:
+    """t̂ − t against t, one line per resolution (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key in table.resolutions():
+        cal = table[key]
+        ax.plot(cal.t, np.asarray(cal.t_hat) - np.asarray(cal.t), marker=".", label=key)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xlabel="timestep t", ylabel="t̂ − t", title="NoiseShift calibration per resolution")
+    ax.legend(title="resolution")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class NoiseShiftCalibration(L.Callback):
+    """Calibrates the configured resolutions with EMA weights at the end of fit (and every N epochs).
+
+    Writes <run dir>/noiseshift.json and noiseshift.png, and logs the plot to the logger.
+    """
+
+    def __init__(
+        self,
+        resolutions: list[int | str] = [64],  # noqa: B006
+        sampler: str = "ddim",  # calibrate the timesteps this sampler visits
+        steps: int = 50,
+        every_n_epochs: int = 0,  # 0: only at the end of fit
+        num_images: int = 64,
+        coarse_window: float = 0.1,
+        coarse_stride: float = 0.01,
+        fine_window: float = 0.01,
+        fine_stride: float = 0.001,
+        max_batch: int = 256,
+        filename: str = "noiseshift.json",
+    ) -> None:
+        from mrdiff.cli import parse_resolution
+
+        self.resolutions = [parse_resolution(r) for r in resolutions]
+        self.sampler, self.steps, self.every_n_epochs, self.filename = sampler, steps, every_n_epochs, filename
+        self.settings = SearchSettings(coarse_window=coarse_window, coarse_stride=coarse_stride,
+                                       fine_window=fine_window, fine_stride=fine_stride,
+                                       num_images=num_images, max_batch=max_batch)
+
+    def run(self, trainer: L.Trainer, pl_module: DiffusionModule) -> NoiseShiftTable | None:
+        if not trainer.is_global_zero:
+            return None
+        timesteps = sampler_timesteps(pl_module.schedule.num_timesteps, self.sampler, self.steps)
+        with ema_weights(trainer, pl_module):
+            table = calibrate_model(pl_module, trainer.datamodule, self.resolutions, timesteps, self.settings)
+        run_dir = Path(trainer.default_root_dir)
+        table.save(run_dir / self.filename)
+        plot = plot_table(table, run_dir / Path(self.filename).with_suffix(".png").name)
+        log_figure(trainer, "noiseshift/t_hat_minus_t", plot)
+        print(f"mrdiff: NoiseShift table written to {run_dir / self.filename}")
+        return table
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: DiffusionModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.run(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: DiffusionModule) -> None:
+        self.run(trainer, pl_module)

@@ -1,0 +1,72 @@
+"""Checkpoint files: atomic writes and loads that fail with a clear message."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, or not an mrdiff/Lightning checkpoint."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file beside the target, fsync, then os.replace.
+
+    A job killed while saving (preemption, OOM, SIGKILL) leaves the previous checkpoint intact.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None):
+        return load_checkpoint(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint dict on CPU; CheckpointError naming the file and the problem otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: check --ckpt_path (runs keep them in "
+                              f"<run dir>/checkpoints/, e.g. last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error)[:200]}): the file is "
+            f"truncated or corrupt (was the job killed while copying it?) — use another checkpoint"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict'): pass a .ckpt written by "
+                              f"`mrdiff fit`")
+    return ckpt
+
+
+def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint's state_dict (the EMA weights when EMA was on) into module; returns the checkpoint."""
+    ckpt = load_checkpoint(path)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: {str(error).splitlines()[0]} … "
+            f"Use the config the checkpoint was trained with (its run dir holds config.yaml)."
+        ) from None
+    return ckpt

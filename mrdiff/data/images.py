@@ -1,0 +1,122 @@
+"""Image datasets from disk: any folder of images, and CelebA (aligned) from a local root.
+
+Items are float tensors [3, size, size] in [−1, 1]: the shorter side resized to `size` (antialiased)
+and centre-cropped. Every image mode PIL reads (grayscale, RGBA, palette, CMYK, 16-bit) becomes RGB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of any PIL image; 16-bit and 32-bit integer images are rescaled to 8 bits first."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def load_image(path: Path, size: int, *, crop: int | None = None, upscale: bool = False) -> Tensor:
+    """[3, size, size] in [−1, 1]: optional centre crop, shorter side → size, centre crop to a square."""
+    with Image.open(path) as raw:
+        image = to_rgb(raw)
+    x = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True) * 2 - 1
+    if crop is not None:
+        x = TF.center_crop(x, [crop, crop])
+    short = min(x.shape[-2:])
+    if short < size and not upscale:
+        raise ValueError(
+            f"{path} is {x.shape[-1]}x{x.shape[-2]} pixels, smaller than the {size} pixels needed: remove it, "
+            f"lower data.image_size, or set data.upscale_small=true"
+        )
+    x = TF.resize(x, size, antialias=True)
+    return TF.center_crop(x, [size, size]).clamp(-1, 1)
+
+
+def find_images(root: str | Path) -> tuple[list[Path], int]:
+    """Image files under root at any depth (sorted) and the number of other files ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist (or is not a folder): check data.root")
+    files = [p for p in sorted(root.rglob("*")) if p.is_file()]
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not images:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}: check data.root")
+    return images, len(files) - len(images)
+
+
+def scan_corrupt(paths: list[Path], progress: bool = True) -> list[tuple[Path, str]]:
+    """The files PIL cannot fully decode, with the reason (a full load, so truncation is found too)."""
+    bad = []
+    for path in tqdm(paths, desc="checking images", disable=not progress or len(paths) < 500, leave=False):
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:  # noqa: BLE001 - any decoding failure makes the file unusable
+            bad.append((path, f"{type(error).__name__}: {error}"))
+    return bad
+
+
+class ImageFolder(Dataset):
+    """Every image under a folder (jpg/png/webp/bmp at any depth), checked once at construction."""
+
+    def __init__(
+        self, root: str | Path, *, size: int, on_corrupt: Literal["error", "skip"] = "error",
+        upscale_small: bool = False, crop: int | None = None,
+    ) -> None:
+        paths, ignored = find_images(root)
+        bad = scan_corrupt(paths)
+        if bad and on_corrupt == "error":
+            listing = "\n  ".join(f"{p}: {why}" for p, why in bad[:20])
+            more = f"\n  … and {len(bad) - 20} more" if len(bad) > 20 else ""
+            raise ValueError(
+                f"{len(bad)} of {len(paths)} images under {root} cannot be read:\n  {listing}{more}\n"
+                f"remove them, or set data.on_corrupt=skip to train without them"
+            )
+        if bad:
+            print(f"mrdiff: skipping {len(bad)} unreadable image(s) of {len(paths)} under {root}")
+        skip = {p for p, _ in bad}
+        self.paths = [p for p in paths if p not in skip]
+        self.ignored_files, self.skipped = ignored, len(bad)
+        self.size, self.crop, self.upscale = size, crop, upscale_small
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return load_image(self.paths[index], self.size, crop=self.crop, upscale=self.upscale)
+
+
+class CelebAImages(ImageFolder):
+    """CelebA's aligned images (root/celeba/img_align_celeba/*.jpg), centre-cropped then resized.
+
+    The folder layout is torchvision's CelebA; nothing is downloaded. The paper's preparation is a
+    centre crop followed by a resize to 128².
+    """
+
+    def __init__(self, root: str | Path, *, size: int, crop: int = 140) -> None:
+        folder = Path(root) / "celeba" / "img_align_celeba"
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"CelebA not found: expected {folder} with the aligned JPEGs. Download img_align_celeba.zip "
+                f"from the CelebA site (or torchvision.datasets.CelebA(root, download=True) on a machine "
+                f"with network), unzip it there, and set data.root={root}"
+            )
+        super().__init__(folder, size=size, crop=crop)

@@ -1,0 +1,118 @@
+"""The multi-resolution patch sampler (seed paper §3.1): rescale, crop, and the crop's coordinate grid.
+
+Per image: with probability p_min the image is rescaled to s_min, otherwise to s ~ U{s_min, …, s_max};
+a patch_size² patch is cropped at a uniformly random position, and its grid holds the coordinates of
+its pixels inside the rescaled image (mrdiff.nn.coords). Synthetic scenes are rendered directly at
+the drawn scale (no resampling loss); images are resized with antialiasing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+from mrdiff.data.synthetic import Scene, render
+from mrdiff.nn.coords import CoordMode, crop_grid
+
+
+@dataclass(frozen=True)
+class PatchSampler:
+    """Draws (scale, crop position) and cuts patches with their grids."""
+
+    s_min: int
+    s_max: int
+    patch_size: int
+    p_min: float = 0.5  # probability of rescaling to exactly s_min
+    coord_mode: CoordMode = "normalized"
+
+    def __post_init__(self) -> None:
+        if min(self.s_min, self.s_max, self.patch_size) <= 0:
+            raise ValueError(f"sizes must be positive: s_min={self.s_min}, s_max={self.s_max}, "
+                             f"patch_size={self.patch_size}")
+        if not self.patch_size <= self.s_min <= self.s_max:
+            raise ValueError(
+                f"need patch_size <= s_min <= s_max, got patch_size={self.patch_size}, s_min={self.s_min}, "
+                f"s_max={self.s_max}: a patch is cut from an image rescaled to at least s_min"
+            )
+        if not 0 <= self.p_min <= 1:
+            raise ValueError(f"p_min is a probability, got {self.p_min}")
+
+    def draw_scale(self, generator: torch.Generator | None = None) -> int:
+        """s_min with probability p_min, else uniform on the integers s_min … s_max."""
+        u = torch.rand(2, generator=generator)
+        if u[0] < self.p_min:
+            return self.s_min
+        return self.s_min + min(int(u[1] * (self.s_max - self.s_min + 1)), self.s_max - self.s_min)
+
+    def draw_crop(self, scale: int, generator: torch.Generator | None = None) -> tuple[int, int]:
+        """(top, left) uniform over the positions where the patch fits."""
+        top, left = torch.randint(0, scale - self.patch_size + 1, (2,), generator=generator).tolist()
+        return top, left
+
+    def grid(self, scale: int, top: int, left: int) -> Tensor:
+        return crop_grid(scale, scale, top, left, self.patch_size, self.patch_size, self.coord_mode)
+
+    def cut(self, item: Tensor | Scene, scale: int, top: int, left: int) -> Tensor:
+        """The patch of `item` rescaled to scale²: rendered for a Scene, resized + cropped for an image."""
+        p = self.patch_size
+        if isinstance(item, Scene):
+            return render(item, crop_grid(scale, scale, top, left, p, p), (2 / scale, 2 / scale))
+        image = resize(item, scale, scale)
+        return image[:, top : top + p, left : left + p]
+
+
+def resize(image: Tensor, height: int, width: int) -> Tensor:
+    """Antialiased bilinear resize of a float image (no-op at its own size)."""
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    return TF.resize(image, [height, width], antialias=True)
+
+
+def prepare_full(item: Tensor | Scene, height: int, width: int) -> Tensor:
+    """A whole image at height × width, as the data pipeline makes it (FID reference, fixed mode)."""
+    if isinstance(item, Scene):
+        from mrdiff.data.synthetic import render_canvas
+
+        return render_canvas(item, height, width)
+    return resize(item, height, width).clamp(-1, 1)
+
+
+class PatchCollate:
+    """Collate function: items (image tensors or Scenes) → {"image", "grid", "scale"}.
+
+    With `sampler=None` (fixed-resolution mode) every item is prepared whole at `size`.
+    With `per_batch_scale`, one scale is drawn per batch (same marginal distribution, one SAFA kernel mix
+    per layer); `scale` is then [1] instead of [B]. Items come as (index, item) pairs; with a `seed`,
+    the draws of a batch are a function of (seed, its first index), whatever the worker (validation).
+    """
+
+    def __init__(
+        self, sampler: PatchSampler | None, *, size: int, per_batch_scale: bool = False,
+        coord_mode: CoordMode = "normalized", seed: int | None = None,
+    ) -> None:
+        self.sampler, self.size, self.per_batch_scale = sampler, size, per_batch_scale
+        self.coord_mode, self.seed = coord_mode, seed
+
+    def __call__(self, batch: Sequence[tuple[int, Any]]) -> dict[str, Tensor]:
+        indices, items = zip(*batch)
+        gen = None if self.seed is None else torch.Generator().manual_seed(self.seed * 1_000_003 + int(indices[0]))
+        if self.sampler is None:
+            images = torch.stack([prepare_full(it, self.size, self.size) for it in items])
+            grid = crop_grid(self.size, self.size, 0, 0, self.size, self.size, self.coord_mode)
+            return {"image": images, "grid": grid.expand(len(items), -1, -1, -1).contiguous(),
+                    "scale": torch.full((1,), float(self.size))}
+        shared = self.sampler.draw_scale(gen) if self.per_batch_scale else None
+        patches, grids, scales = [], [], []
+        for item in items:
+            scale = shared if shared is not None else self.sampler.draw_scale(gen)
+            top, left = self.sampler.draw_crop(scale, gen)
+            patches.append(self.sampler.cut(item, scale, top, left))
+            grids.append(self.sampler.grid(scale, top, left))
+            scales.append(float(scale))
+        scale_t = torch.tensor(scales[:1] if shared is not None else scales)
+        return {"image": torch.stack(patches), "grid": torch.stack(grids), "scale": scale_t}

@@ -1,0 +1,146 @@
+"""DiffusionModule: wires the U-Net, the noise schedule, L_simple and the samplers into Lightning."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mrdiff.diffusion.samplers import SAMPLERS, EpsFn, PerSampleNoise, TimeCond
+from mrdiff.diffusion.schedule import NoiseSchedule, ScheduleKind
+from mrdiff.nn.coords import CoordMode, canvas_grid
+from mrdiff.nn.unet import UNet
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class DiffusionModule(L.LightningModule):
+    """ε-prediction DDPM trained with L_simple on (patch, grid, scale) batches."""
+
+    def __init__(
+        self,
+        net: UNet,
+        *,
+        schedule: ScheduleKind = "linear",
+        num_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 1000,  # linear learning-rate warm-up
+        coord_mode: CoordMode = "normalized",  # linked from data.coord_mode: how sampling builds grids
+        train_resolution: int = 64,  # side of the training inputs (linked from data): the analytic shift's m
+        nonfinite_loss: Literal["error", "skip"] = "error",  # a NaN/inf loss stops the run, or the step is skipped
+        channels_last: bool = False,
+        compile: bool = False,  # torch.compile the U-Net
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.schedule = NoiseSchedule(kind=schedule, num_timesteps=num_timesteps,
+                                      beta_start=beta_start, beta_end=beta_end)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self._forward_net = torch.compile(self.net, dynamic=True) if compile else self.net
+        self.skipped_steps = 0
+
+    # -- training ------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, t: Tensor, grid: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._forward_net(x, t, grid, scale)
+
+    def diffusion_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """L_simple = E‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², t ~ U{0, …, T−1} (DDPM eq. 14)."""
+        x0 = batch["image"]
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        eps = self(x_t, t.float(), batch.get("grid"), batch.get("scale"))
+        return F.mse_loss(eps.float(), noise.float())
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        loss = self.diffusion_loss(batch)
+        if not torch.isfinite(loss):
+            return self._nonfinite(loss, batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _nonfinite(self, loss: Tensor, batch: dict[str, Tensor]) -> None:
+        inputs_ok = bool(torch.isfinite(batch["image"]).all())
+        what = f"loss is {loss.item()} at step {self.global_step}" + ("" if inputs_ok else "; the input batch has NaN/inf")
+        if self.hparams.nonfinite_loss == "error":
+            raise NonFiniteLossError(
+                f"{what}. The last saved checkpoint is intact. Lower model.lr, add trainer.gradient_clip_val, "
+                f"or set model.nonfinite_loss=skip to skip such steps (they are counted)."
+            )
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        print(f"mrdiff: skipping step ({what}); {self.skipped_steps} skipped so far")
+        return None
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        loss = self.diffusion_loss(batch, generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+
+    def configure_optimizers(self):
+        h = self.hparams
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(self.net.parameters(), lr=h.lr, betas=tuple(h.betas),
+                                weight_decay=h.weight_decay, fused=fused)
+        warmup = max(h.warmup_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def eps_fn(self, grid: Tensor | None, scale: Tensor | None) -> EpsFn:
+        """ε(x, t) for the samplers, closing over one shared grid and scale."""
+
+        def eps(x: Tensor, t: Tensor) -> Tensor:
+            return self(x, t.to(x.device, torch.float32), grid, scale).float()
+
+        return eps
+
+    def canvas_inputs(self, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """Grid of the full canvas ([1, 2, H, W]) and its scale ([1]: √(H·W), the side for a square)."""
+        self.net.check_size(height, width)
+        grid = canvas_grid(height, width, self.hparams.coord_mode)[None].to(self.device)
+        scale = torch.tensor([math.sqrt(height * width)], device=self.device)
+        return grid, scale
+
+    @torch.no_grad()
+    def sample(
+        self,
+        seeds: Sequence[int],
+        height: int,
+        width: int | None = None,
+        *,
+        sampler: Literal["ddpm", "ddim"] = "ddim",
+        steps: int = 50,  # DDIM only
+        eta: float = 0.0,  # DDIM only
+        time_cond: TimeCond | None = None,
+        clip_denoised: bool = True,
+        progress: bool = False,
+    ) -> Tensor:
+        """Images [len(seeds), C, H, W] in [−1, 1]; sample i depends only on seeds[i]."""
+        width = width or height
+        grid, scale = self.canvas_inputs(height, width)
+        noise = PerSampleNoise(seeds, self.device)
+        x_T = noise.randn((self.net_in_channels, height, width))
+        kwargs = {"steps": steps, "eta": eta} if sampler == "ddim" else {}
+        x0 = SAMPLERS[sampler](self.eps_fn(grid, scale), self.schedule, x_T, noise=noise, time_cond=time_cond,
+                               clip_denoised=clip_denoised, progress=progress, **kwargs)
+        return x0.clamp(-1, 1)
+
+    @property
+    def net_in_channels(self) -> int:
+        return self.net.stem.in_channels

@@ -1,0 +1,82 @@
+"""Scale-Aware Feature Adaption: a convolution whose kernel is a scale-dependent mixture.
+
+φ(s) = Σ_k w_k(s) φ_k with K learnable kernels and w(s) = softmax(MLP(s)) (the scale-aware
+convolution of scale-arbitrary super-resolution, Wang et al. 2021). Convolution is linear in its
+kernel, so per-sample scales can be served without a loop over samples:
+
+- "shared": the whole batch has one scale → mix once, one ordinary conv (the fast path);
+- "grouped": mix one kernel per sample and run a grouped conv with groups = B (same FLOPs as a conv);
+- "experts": one conv with K·C_out outputs, then the per-sample weighted sum over K (K× the FLOPs,
+  but a dense conv, which some backends run faster than a grouped one).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SafaMode = Literal["auto", "grouped", "experts"]
+
+
+class ScaleAwareConv2d(nn.Module):
+    """Conv2d with kernel Σ_k softmax(MLP(s))_k φ_k; `scale` is [B] (per sample) or [1] (shared)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        num_kernels: int = 4,  # K
+        hidden: int = 64,  # width of the MLP of the scale
+        mode: SafaMode = "auto",  # path for per-sample scales; "auto" = grouped
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.padding = kernel_size // 2
+        self.mode = mode
+        self.weight = nn.Parameter(torch.empty(num_kernels, out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(num_kernels, out_channels))
+        for k in range(num_kernels):
+            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
+        self.mixer = nn.Sequential(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, num_kernels))
+
+    @property
+    def num_kernels(self) -> int:
+        return self.weight.shape[0]
+
+    def mixing_weights(self, scale: Tensor) -> Tensor:
+        """[B or 1, K] softmax weights for the normalised scale."""
+        return torch.softmax(self.mixer(scale.reshape(-1, 1).to(self.weight.dtype)), dim=-1)
+
+    def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+        w = self.mixing_weights(scale)
+        if w.shape[0] == 1:
+            return self._shared(x, w[0])
+        if w.shape[0] != x.shape[0]:
+            raise ValueError(f"scale has {w.shape[0]} entries for a batch of {x.shape[0]}: give [B] or [1]")
+        return self._experts(x, w) if self.mode == "experts" else self._grouped(x, w)
+
+    def _shared(self, x: Tensor, w: Tensor) -> Tensor:
+        """One scale for the batch: mix once, plain conv."""
+        kernel = torch.einsum("k,koihw->oihw", w, self.weight)
+        return F.conv2d(x, kernel.to(x.dtype), (w @ self.bias).to(x.dtype), padding=self.padding)
+
+    def _grouped(self, x: Tensor, w: Tensor) -> Tensor:
+        """Per-sample kernels through a grouped conv (groups = B)."""
+        b, _, h, width = x.shape
+        kernel = torch.einsum("bk,koihw->boihw", w, self.weight).reshape(-1, *self.weight.shape[2:])
+        out = F.conv2d(x.reshape(1, -1, h, width), kernel.to(x.dtype), padding=self.padding, groups=b)
+        return out.reshape(b, self.out_channels, h, width) + (w @ self.bias).to(x.dtype)[:, :, None, None]
+
+    def _experts(self, x: Tensor, w: Tensor) -> Tensor:
+        """Per-sample mixture of K convolutions, run as one conv with K·C_out outputs."""
+        b, _, h, width = x.shape
+        kernel = self.weight.reshape(-1, *self.weight.shape[2:]).to(x.dtype)
+        out = F.conv2d(x, kernel, self.bias.reshape(-1).to(x.dtype), padding=self.padding)
+        out = out.reshape(b, self.num_kernels, self.out_channels, h, width)
+        return torch.einsum("bk,bkohw->bohw", w.to(x.dtype), out)

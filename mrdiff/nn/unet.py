@@ -1,0 +1,241 @@
+"""The ε-prediction U-Net of DDPM (Ho et al. 2020, appendix B) with coordinate and scale conditioning.
+
+Level l of the U-Net works at H/2^l × W/2^l. Two optional conditionings (the multi-resolution method):
+- coordinates: Fourier features of the grid, average-pooled to each level's size (exact for pixel
+  centres), computed once per level per forward and concatenated to the features in every ResBlock;
+- scale: ResBlocks at `safa_levels` use a ScaleAwareConv2d for their second conv, its kernel mixed
+  from log2(scale / scale_ref).
+The network knows nothing of the diffusion schedule: it maps (x_t, t, grid, scale) to ε̂.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mrdiff.nn.coords import FourierFeatures
+from mrdiff.nn.safa import SafaMode, ScaleAwareConv2d
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of a (possibly fractional) timestep, [B] → [B, dim] (Vaswani et al. 2017)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([args.cos(), args.sin()], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters (output layers start as identity / zero residual)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm–SiLU–conv ×2 with the time embedding added in between; coords concatenated before conv1."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, emb_channels: int, dropout: float,
+        coord_channels: int = 0, safa_kernels: int = 0, safa_mode: SafaMode = "auto",
+    ) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels + coord_channels, out_channels, 3, padding=1)
+        self.emb = nn.Linear(emb_channels, out_channels)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        if safa_kernels:
+            self.conv2 = ScaleAwareConv2d(out_channels, out_channels, num_kernels=safa_kernels, mode=safa_mode)
+            nn.init.zeros_(self.conv2.weight)  # residual branch starts at zero; the mixer stays random
+            nn.init.zeros_(self.conv2.bias)
+        else:
+            self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor, coords: Tensor | None, scale: Tensor | None) -> Tensor:
+        h = F.silu(self.norm1(x))
+        if coords is not None:
+            h = torch.cat([h, coords.to(h.dtype).expand(h.shape[0], -1, -1, -1)], dim=1)
+        h = self.conv1(h) + self.emb(emb)[:, :, None, None].to(h.dtype)
+        h = self.dropout(F.silu(self.norm2(h)))
+        h = self.conv2(h, scale) if isinstance(self.conv2, ScaleAwareConv2d) else self.conv2(h)
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all positions, pre-GroupNorm, zero-initialised output."""
+
+    def __init__(self, channels: int, head_channels: int = 64) -> None:
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Level(nn.Module):
+    """The ResBlocks (and attention) of one U-Net level on one path."""
+
+    def __init__(self, blocks: Sequence[ResBlock], attention: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attention = nn.ModuleList(attention)
+
+
+class UNet(nn.Module):
+    """DDPM U-Net; forward(x, t, grid=None, scale=None) → ε̂ of x's shape."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        base_channels: int = 64,  # channels at level 0
+        channel_mult: Sequence[int] = (1, 2, 2, 2),  # channels of level l = base × mult[l]
+        num_res_blocks: int = 2,  # ResBlocks per level on the down path (one more on the up path)
+        attention_levels: Sequence[int] = (1,),  # levels with self-attention (level l is at H/2^l)
+        head_channels: int = 64,
+        dropout: float = 0.1,
+        coord_frequencies: int = 0,  # Fourier frequencies of the coordinate grid; 0 = no coordinates
+        coord_max_frequency: float = 16.0,
+        coord_basis: Literal["log", "gaussian"] = "log",
+        coord_antialias: bool = True,  # damp frequencies a level cannot resolve
+        safa_levels: Sequence[int] = (),  # levels whose ResBlocks use a scale-aware second conv
+        safa_kernels: int = 4,  # K
+        safa_mode: SafaMode = "auto",
+        scale_ref: float = 64.0,  # SAFA sees log2(scale / scale_ref)
+    ) -> None:
+        super().__init__()
+        levels = len(channel_mult)
+        for name, values in (("attention_levels", attention_levels), ("safa_levels", safa_levels)):
+            bad = [v for v in values if not 0 <= v < levels]
+            if bad:
+                raise ValueError(
+                    f"{name} {list(bad)} do not exist: this U-Net has levels 0..{levels - 1} "
+                    f"(one per channel_mult entry {list(channel_mult)}; level l runs at H/2^l)"
+                )
+        if min(channel_mult) < 1 or base_channels < 1 or num_res_blocks < 1:
+            raise ValueError("base_channels, num_res_blocks and every channel_mult must be positive")
+        self.num_levels, self.scale_ref = levels, scale_ref
+        self.coords = (
+            FourierFeatures(num_frequencies=coord_frequencies, max_frequency=coord_max_frequency,
+                            basis=coord_basis, antialias=coord_antialias)
+            if coord_frequencies > 0 else None
+        )
+        self.uses_scale = len(safa_levels) > 0
+        coord_ch = self.coords.out_channels if self.coords else 0
+        emb_ch = 4 * base_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(base_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)
+        )
+        self.base_channels = base_channels
+
+        def block(cin: int, cout: int, level: int) -> ResBlock:
+            k = safa_kernels if level in safa_levels else 0
+            return ResBlock(cin, cout, emb_ch, dropout, coord_ch, k, safa_mode)
+
+        def attn(level: int, ch: int, n: int) -> list[nn.Module]:
+            return [Attention(ch, head_channels) if level in attention_levels else nn.Identity() for _ in range(n)]
+
+        self.stem = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        chans = [base_channels * m for m in channel_mult]
+        skips, ch = [base_channels], base_channels
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        for level, cout in enumerate(chans):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(block(ch, cout, level))
+                ch = cout
+                skips.append(ch)
+            self.down.append(Level(blocks, attn(level, ch, num_res_blocks)))
+            if level < levels - 1:
+                self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                skips.append(ch)
+        self.mid = Level([block(ch, ch, levels - 1), block(ch, ch, levels - 1)], [Attention(ch, head_channels)])
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for level in reversed(range(levels)):
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(block(ch + skips.pop(), chans[level], level))
+                ch = chans[level]
+            self.up.append(Level(blocks, attn(level, ch, num_res_blocks + 1)))
+            if level > 0:
+                self.upsample.append(nn.Conv2d(ch, ch, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+
+    @property
+    def downsampling_factor(self) -> int:
+        """H and W must be multiples of this."""
+        return 2 ** (self.num_levels - 1)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Clear error for a resolution the U-Net cannot take."""
+        f = self.downsampling_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(
+                f"resolution {height}x{width} is not divisible by the U-Net's downsampling factor {f} "
+                f"({self.num_levels} levels): use a multiple of {f}, e.g. {max(f, round(height / f) * f)}"
+            )
+
+    def level_coords(self, grid: Tensor | None) -> list[Tensor | None]:
+        """Fourier features of the grid at every level, computed once per forward."""
+        if self.coords is None:
+            return [None] * self.num_levels
+        if grid is None:
+            raise ValueError("this U-Net conditions on coordinates (coord_frequencies > 0): pass grid=")
+        grid = grid if grid.ndim == 4 else grid[None]
+        out = []
+        for level in range(self.num_levels):
+            pooled = F.avg_pool2d(grid, 2**level) if level else grid
+            out.append(self.coords(pooled.float()))
+        return out
+
+    def normalised_scale(self, scale: Tensor | float | None, device: torch.device) -> Tensor | None:
+        if not self.uses_scale:
+            return None
+        if scale is None:
+            raise ValueError("this U-Net has SAFA layers (safa_levels): pass scale= (the image resolution)")
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1)
+        return torch.log2(scale / self.scale_ref)
+
+    def forward(self, x: Tensor, t: Tensor, grid: Tensor | None = None, scale: Tensor | float | None = None) -> Tensor:
+        self.check_size(*x.shape[-2:])
+        coords = self.level_coords(grid)
+        s = self.normalised_scale(scale, x.device)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        emb = self.time_embed(timestep_embedding(t, self.base_channels))
+        h = self.stem(x)
+        skips = [h]
+        for level, stage in enumerate(self.down):
+            for blk, att in zip(stage.blocks, stage.attention):
+                h = att(blk(h, emb, coords[level], s))
+                skips.append(h)
+            if level < self.num_levels - 1:
+                h = self.downsample[level](h)
+                skips.append(h)
+        h = self.mid.attention[0](self.mid.blocks[0](h, emb, coords[-1], s))
+        h = self.mid.blocks[1](h, emb, coords[-1], s)
+        for i, stage in enumerate(self.up):
+            level = self.num_levels - 1 - i
+            for blk, att in zip(stage.blocks, stage.attention):
+                h = att(blk(torch.cat([h, skips.pop()], dim=1), emb, coords[level], s))
+            if level > 0:
+                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.out(h)

@@ -1,0 +1,101 @@
+"""The multi-resolution patch sampler, the collate function and the data module."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+from mrdiff.data.datamodule import MultiResDataModule
+from mrdiff.data.images import ImageFolder
+from mrdiff.data.synthetic import render_canvas, sample_scene
+from mrdiff.data.transforms import PatchCollate, PatchSampler, resize
+from mrdiff.nn.coords import canvas_grid
+
+
+def test_scale_distribution_half_at_s_min_rest_uniform():
+    sampler = PatchSampler(s_min=64, s_max=128, patch_size=64)
+    gen = torch.Generator().manual_seed(0)
+    scales = np.array([sampler.draw_scale(gen) for _ in range(20_000)])
+    assert scales.min() == 64 and scales.max() == 128
+    # P(s_min) = 0.5 + 0.5/65 (the uniform part can also land on s_min)
+    p = 0.5 + 0.5 / 65
+    assert abs((scales == 64).mean() - p) < 4 * np.sqrt(p * (1 - p) / len(scales))
+    counts = np.bincount(scales[scales > 64] - 65, minlength=64)
+    assert stats.chisquare(counts).pvalue > 1e-3  # uniform over 65..128
+
+
+def test_crop_positions_are_uniform_and_inside():
+    sampler = PatchSampler(s_min=40, s_max=40, patch_size=32)
+    gen = torch.Generator().manual_seed(1)
+    tops = np.array([sampler.draw_crop(40, gen)[0] for _ in range(9000)])
+    assert tops.min() == 0 and tops.max() == 8
+    assert stats.chisquare(np.bincount(tops, minlength=9)).pvalue > 1e-3
+
+
+def test_patch_grid_is_the_crop_of_the_rescaled_image_grid():
+    sampler = PatchSampler(s_min=48, s_max=96, patch_size=32)
+    assert torch.equal(sampler.grid(80, 10, 37), canvas_grid(80, 80)[:, 10:42, 37:69])
+    image = torch.rand(3, 128, 128) * 2 - 1
+    patch = sampler.cut(image, 80, 10, 37)
+    assert torch.allclose(patch, resize(image, 80, 80)[:, 10:42, 37:69])
+
+
+def test_synthetic_patch_is_rendered_at_the_drawn_scale():
+    scene = sample_scene(3)
+    sampler = PatchSampler(s_min=32, s_max=64, patch_size=32)
+    assert torch.allclose(sampler.cut(scene, 64, 16, 8), render_canvas(scene, 64, 64)[:, 16:48, 8:40], atol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"s_min": 32, "s_max": 64, "patch_size": 48}, "patch_size <= s_min <= s_max"),
+    ({"s_min": 64, "s_max": 32, "patch_size": 32}, "patch_size <= s_min <= s_max"),
+    ({"s_min": 0, "s_max": 32, "patch_size": 32}, "must be positive"),
+])
+def test_impossible_patch_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PatchSampler(**kwargs)
+
+
+def test_collate_per_sample_and_per_batch_scales():
+    items = [(i, sample_scene(i)) for i in range(6)]
+    sampler = PatchSampler(s_min=32, s_max=64, patch_size=32, p_min=0.0)
+    per_sample = PatchCollate(sampler, size=64, seed=0)(items)
+    assert per_sample["image"].shape == (6, 3, 32, 32) and per_sample["grid"].shape == (6, 2, 32, 32)
+    assert per_sample["scale"].shape == (6,) and len(set(per_sample["scale"].tolist())) > 1
+    shared = PatchCollate(sampler, size=64, per_batch_scale=True, seed=0)(items)
+    assert shared["scale"].shape == (1,)
+    again = PatchCollate(sampler, size=64, seed=0)(items)
+    assert torch.equal(again["image"], per_sample["image"])  # seeded (validation) draws repeat
+
+
+def test_fixed_mode_gives_whole_images_with_the_canvas_grid():
+    dm = MultiResDataModule(multires=False, image_size=32, batch_size=4, num_workers=0, num_scenes=8, num_val=2)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].abs().max() <= 1
+    assert torch.equal(batch["grid"][0], canvas_grid(32, 32)) and batch["scale"].tolist() == [32.0]
+
+
+def write_images(root, n=6, size=80):
+    rng = np.random.default_rng(0)
+    (root / "a" / "b").mkdir(parents=True)
+    for i in range(n):
+        array = rng.integers(0, 255, (size, size + 10, 3), dtype=np.uint8)
+        folder = root / "a" / "b" if i % 2 else root
+        Image.fromarray(array).save(folder / f"img{i}.{'png' if i % 3 else 'jpg'}")
+    (root / "notes.txt").write_text("not an image")
+
+
+def test_folder_source_finds_nested_images_and_ignores_other_files(tmp_path):
+    write_images(tmp_path)
+    dataset = ImageFolder(tmp_path, size=64)
+    assert len(dataset) == 6 and dataset.ignored_files == 1
+    assert dataset[0].shape == (3, 64, 64)
+    dm = MultiResDataModule(source="folder", root=str(tmp_path), image_size=64, s_min=32, s_max=64,
+                            patch_size=32, batch_size=2, num_workers=0, num_val=1)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 32, 32)
+    refs = next(dm.reference_images(48, 48, 3))
+    assert refs.shape == (3, 3, 48, 48)

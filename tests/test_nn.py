@@ -1,0 +1,121 @@
+"""Coordinate grids, Fourier features, SAFA and the U-Net."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrdiff.nn.coords import FourierFeatures, canvas_grid, crop_grid, grid_spacing
+from mrdiff.nn.safa import ScaleAwareConv2d
+from mrdiff.nn.unet import UNet, timestep_embedding
+
+
+def test_crop_grid_holds_exact_normalised_pixel_centres():
+    grid = crop_grid(64, 64, top=8, left=20, height=4, width=3)
+    assert grid.shape == (2, 4, 3)
+    xs = torch.tensor([(2 * (20 + j) + 1) / 64 - 1 for j in range(3)])
+    ys = torch.tensor([(2 * (8 + i) + 1) / 64 - 1 for i in range(4)])
+    assert torch.allclose(grid[0], xs.expand(4, 3))
+    assert torch.allclose(grid[1], ys[:, None].expand(4, 3))
+    pixel = crop_grid(64, 64, 8, 20, 4, 3, mode="pixel")
+    assert pixel[0, 0].tolist() == [20.0, 21.0, 22.0] and pixel[1, :, 0].tolist() == [8.0, 9.0, 10.0, 11.0]
+
+
+def test_full_canvas_spans_minus_one_to_one_and_crops_are_sub_grids():
+    full = canvas_grid(96, 128)
+    assert full[0].min() == pytest.approx(-1 + 1 / 128) and full[0].max() == pytest.approx(1 - 1 / 128)
+    assert full[1].min() == pytest.approx(-1 + 1 / 96)
+    assert torch.equal(crop_grid(96, 128, 10, 30, 32, 32), full[:, 10:42, 30:62])
+    with pytest.raises(ValueError, match="outside"):
+        crop_grid(64, 64, 40, 0, 32, 32)
+
+
+def test_average_pooled_grid_is_the_coarser_canvas_grid():
+    """The U-Net pools grids to each level: exact for pixel centres."""
+    pooled = F.avg_pool2d(canvas_grid(64, 64)[None], 4)[0]
+    assert torch.allclose(pooled, canvas_grid(16, 16), atol=1e-6)
+
+
+def test_fourier_features_values_and_antialiasing():
+    ff = FourierFeatures(num_frequencies=3, max_frequency=4.0, antialias=False)
+    grid = canvas_grid(8, 8)[None]
+    out = ff(grid)
+    assert out.shape == (1, 12, 8, 8)
+    # channel 1 is sin(2π·2·x), channel 3 is sin(2π·1·y)
+    assert torch.allclose(out[0, 1], torch.sin(2 * math.pi * 2 * grid[0, 0]), atol=1e-5)
+    assert torch.allclose(out[0, 3], torch.sin(2 * math.pi * grid[0, 1]), atol=1e-5)
+    damped = FourierFeatures(num_frequencies=3, max_frequency=4.0)(grid)
+    spacing = 2 / 8
+    factor = math.exp(-((2 * math.pi * 4 * spacing) ** 2) / 24)  # highest x frequency, σ² = Δ²/12
+    assert torch.allclose(damped[0, 2], out[0, 2] * factor, atol=1e-6)
+    assert torch.allclose(grid_spacing(grid), torch.tensor([[spacing, spacing]]))
+
+
+def test_safa_with_one_kernel_is_a_plain_conv():
+    conv = ScaleAwareConv2d(5, 7, num_kernels=1)
+    x = torch.randn(3, 5, 9, 9)
+    ref = F.conv2d(x, conv.weight[0], conv.bias[0], padding=1)
+    assert torch.allclose(conv(x, torch.tensor([0.1, 0.5, 0.9])), ref, atol=1e-5)
+    assert torch.allclose(conv(x, torch.tensor([0.3])), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["grouped", "experts"])
+def test_safa_batched_per_sample_path_equals_a_loop(mode):
+    torch.manual_seed(0)
+    conv = ScaleAwareConv2d(6, 4, num_kernels=3, mode=mode)
+    x, scale = torch.randn(5, 6, 8, 8), torch.randn(5)
+    looped = torch.cat([conv(x[i : i + 1], scale[i : i + 1]) for i in range(5)])
+    assert torch.allclose(conv(x, scale), looped, atol=1e-5)
+    kernels = torch.einsum("k,koihw->oihw", conv.mixing_weights(scale[:1])[0], conv.weight)
+    assert torch.allclose(looped[:1], F.conv2d(x[:1], kernels, (conv.mixing_weights(scale[:1]) @ conv.bias)[0],
+                                               padding=1), atol=1e-5)
+
+
+def test_safa_kernel_depends_on_scale():
+    conv = ScaleAwareConv2d(2, 2, num_kernels=4)
+    w = conv.mixing_weights(torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.allclose(w.sum(-1), torch.ones(3)) and not torch.allclose(w[0], w[2])
+
+
+def test_timestep_embedding_accepts_fractional_t():
+    e = timestep_embedding(torch.tensor([10.0, 10.5, 11.0]), 32)
+    assert e.shape == (3, 32)
+    assert not torch.allclose(e[0], e[1]) and not torch.allclose(e[1], e[2])
+    slow = [*range(6, 16), *range(22, 32)]  # channels of frequencies below 0.05: locally linear in t
+    assert torch.allclose(e[1, slow], (e[0, slow] + e[2, slow]) / 2, atol=1e-3)
+
+
+def small_unet(**kw):
+    cfg = dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,), head_channels=16)
+    return UNet(**(cfg | kw))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 48), (64, 64), (32, 64), (48, 16)])
+def test_unet_with_coords_and_safa_runs_at_any_divisible_size(size):
+    net = small_unet(coord_frequencies=3, safa_levels=(0, 1, 2))
+    h, w = size
+    x = torch.randn(2, 3, h, w)
+    out = net(x, torch.tensor([5.0, 700.5]), canvas_grid(h, w), torch.tensor([float(h), float(w)]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_unet_conditioning_changes_the_output():
+    torch.manual_seed(0)
+    net = small_unet(coord_frequencies=3, safa_levels=(0,))
+    for p in net.parameters():  # move off the zero initialisation of output layers
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([100.0])
+    base = net(x, t, crop_grid(64, 64, 0, 0, 32, 32), 64.0)
+    assert not torch.allclose(base, net(x, t, crop_grid(64, 64, 32, 32, 32, 32), 64.0))
+    assert not torch.allclose(base, net(x, t, crop_grid(64, 64, 0, 0, 32, 32), 40.0))
+
+
+def test_unet_rejects_bad_sizes_and_levels_clearly():
+    net = small_unet()
+    with pytest.raises(ValueError, match="not divisible by the U-Net's downsampling factor 4"):
+        net(torch.randn(1, 3, 30, 32), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"attention_levels \[3\] do not exist"):
+        small_unet(attention_levels=(3,))
+    with pytest.raises(ValueError, match="pass grid="):
+        small_unet(coord_frequencies=2)(torch.randn(1, 3, 32, 32), torch.tensor([1.0]))

@@ -1,0 +1,147 @@
+"""Tests of the structure score: sun detection, ground-truth agreement and collapse detection."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrdiff.data.synthetic import render_canvas, sample_scene
+from mrdiff.metrics.structure import (
+    StructureScore,
+    Sun,
+    detect_suns,
+    reference_radii,
+    structure_score,
+    sun_mask,
+)
+
+
+@pytest.fixture(scope="module")
+def ref() -> list[float]:
+    """Ground-truth radii of the data distribution."""
+    return reference_radii(1000)
+
+
+def _renders(size: int, count: int, first_seed: int = 0) -> torch.Tensor:
+    """Clean renders ``[count, 3, size, size]`` of consecutive scenes."""
+    return torch.stack([render_canvas(sample_scene(first_seed + i), size, size) for i in range(count)])
+
+
+def _tiled(count: int) -> torch.Tensor:
+    """``count`` 64^2 canvases, each four 32^2 scenes tiled 2x2 (what a collapsed model tends to draw)."""
+    tiles = _renders(32, 4 * count, first_seed=500).view(count, 4, 3, 32, 32)
+    top = torch.cat([tiles[:, 0], tiles[:, 1]], dim=-1)
+    bottom = torch.cat([tiles[:, 2], tiles[:, 3]], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
+
+
+def test_sun_mask_colours() -> None:
+    """Sun colours are sun-like; sky, mountains, white, grey and pure red are not."""
+    colours = torch.tensor(
+        [[1.0, 0.85, 0.3], [0.96, 0.78, 0.32], [0.5, 0.7, 0.9], [0.2, 0.4, 0.7], [0.1, 0.2, 0.15]]
+        + [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [1.0, 0.1, 0.1]]
+    )
+    image = (colours.T.reshape(1, 3, 1, -1) * 2 - 1).contiguous()
+    assert sun_mask(image).squeeze().tolist() == [True, True, False, False, False, False, False, False]
+    as_uint8 = ((image + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(sun_mask(as_uint8), sun_mask(image))
+
+
+def test_scene_colours_never_trigger_the_mask() -> None:
+    """Only the sun disk (and its anti-aliased rim) is detected in a clean render."""
+    for seed in range(20):
+        scene = sample_scene(seed)
+        no_sun = dataclasses.replace(scene, sun_radius=0.0)
+        assert not sun_mask(render_canvas(no_sun, 64, 64).unsqueeze(0)).any()
+        assert detect_suns(render_canvas(no_sun, 64, 64)) == []
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_detection_matches_ground_truth(size: int) -> None:
+    """Detected centre within a pixel and radius within 5% of the scene's values."""
+    pixel = 2.0 / size
+    for seed in range(20):
+        scene = sample_scene(seed)
+        suns = detect_suns(render_canvas(scene, size, size))
+        assert len(suns) == 1 and isinstance(suns[0], Sun)
+        (x, y), (cx, cy) = suns[0].center, scene.sun_center
+        assert abs(x - cx) < pixel and abs(y - cy) < pixel
+        assert suns[0].radius == pytest.approx(scene.sun_radius, rel=0.05)
+        assert suns[0].is_round
+
+
+def test_detection_on_non_square_canvas() -> None:
+    """Radius and centre stay in canvas units on a 48x80 canvas, and the squeezed disk counts as round."""
+    scene = sample_scene(4)
+    suns = detect_suns(render_canvas(scene, 48, 80))
+    assert len(suns) == 1
+    assert suns[0].radius == pytest.approx(scene.sun_radius, rel=0.05)
+    assert suns[0].center[0] == pytest.approx(scene.sun_center[0], abs=2 / 80)
+    assert suns[0].center[1] == pytest.approx(scene.sun_center[1], abs=2 / 48)
+    assert suns[0].is_round
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_score_of_ground_truth(size: int, ref: list[float]) -> None:
+    """Clean renders have exactly one round sun of the reference size, in the sky, above a horizon."""
+    score = structure_score(_renders(size, 64, first_seed=2000), reference_radii=ref, resolution=f"{size}")
+    assert isinstance(score, StructureScore) and score.num_images == 64
+    assert score.one_sun_rate >= (0.98 if size == 32 else 1.0)
+    assert score.mean_num_suns == pytest.approx(1.0, abs=0.02)
+    assert score.radius_error < 0.05
+    assert score.radius_std == pytest.approx(score.radius_ref_std, rel=0.25)
+    assert score.radius_in_range_rate == 1.0 and score.round_rate >= 0.95
+    assert score.sun_in_sky_rate == 1.0 and score.horizon_rate == 1.0
+    assert score.as_dict()["resolution"] == f"{size}"
+
+
+def test_score_catches_tiled_collapse(ref: list[float]) -> None:
+    """2x2 tiled scenes: four half-size suns per image, half of them low on the canvas."""
+    score = structure_score(_tiled(32), reference_radii=ref, resolution="64")
+    assert score.one_sun_rate == 0.0
+    assert score.mean_num_suns == pytest.approx(4.0, abs=0.2)
+    assert score.radius_error > 0.4
+    assert score.radius_mean / score.radius_ref_mean == pytest.approx(0.5, abs=0.08)
+    assert score.radius_in_range_rate < 0.2
+    assert score.sun_in_sky_rate == pytest.approx(0.5, abs=0.1)
+
+
+def test_noise_has_no_suns(ref: list[float]) -> None:
+    """Uniform and Gaussian noise give no sun at all (speckle is rejected), and radii are undefined."""
+    generator = torch.Generator().manual_seed(0)
+    uniform = torch.rand(16, 3, 128, 128, generator=generator) * 2 - 1
+    gaussian = torch.randn(16, 3, 128, 128, generator=generator).clamp(-1, 1)
+    for images in (uniform, gaussian):
+        assert sun_mask(images).float().mean().item() > 0.05  # plenty of sun-coloured pixels...
+        score = structure_score(images, reference_radii=ref, resolution="128")
+        assert score.mean_num_suns == 0.0 and score.no_sun_rate == 1.0  # ...but no sun
+        assert math.isnan(score.radius_mean) and math.isnan(score.round_rate)
+
+
+def test_stretched_sun_is_not_round() -> None:
+    """A sun stretched to twice its width fails the roundness check."""
+    image = render_canvas(sample_scene(1), 64, 64).unsqueeze(0)
+    stretched = F.interpolate(image, size=(64, 128), mode="bilinear", align_corners=False)
+    crop = stretched[:, :, :, 32:96]  # a square canvas holding an elliptic sun
+    suns = detect_suns(crop[0])
+    assert len(suns) == 1 and suns[0].aspect > 1.8 and not suns[0].is_round
+
+
+def test_uint8_and_float_inputs_agree(ref: list[float]) -> None:
+    """Scores of float images in [-1, 1] and their uint8 versions coincide closely."""
+    images = _renders(64, 8)
+    as_uint8 = ((images + 1) * 127.5).round().to(torch.uint8)
+    a = structure_score(images, reference_radii=ref, resolution="64")
+    b = structure_score(as_uint8, reference_radii=torch.tensor(ref), resolution="64")
+    assert a.one_sun_rate == b.one_sun_rate == 1.0
+    assert a.radius_mean == pytest.approx(b.radius_mean, rel=0.01)
+
+
+def test_reference_radii_are_ground_truth() -> None:
+    """Reference radii come from the scene sampler."""
+    radii = reference_radii(10, seed=3)
+    assert radii == [sample_scene(3 + i).sun_radius for i in range(10)]
