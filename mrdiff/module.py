@@ -92,6 +92,12 @@ class DiffusionModule(L.LightningModule):
         loss = self.diffusion_loss(batch, generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
 
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Evaluation happens in callbacks (mrdiff.callbacks.evaluation), which sample at every resolution."""
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Use `mrdiff sample` for images; predict exists for API completeness."""
+
     def configure_optimizers(self):
         h = self.hparams
         fused = self.device.type == "cuda"

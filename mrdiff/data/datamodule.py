@@ -123,6 +123,13 @@ class MultiResDataModule(L.LightningDataModule):
             collate_fn=self.collate(seed), persistent_workers=h.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )
 
+    def test_dataloader(self) -> DataLoader:
+        """One placeholder batch per rank: evaluation callbacks (FID, structure) draw their own samples."""
+        return DataLoader([0], batch_size=1)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
     # -- evaluation ---------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """What identifies the data for caches and tables (source, root, preparation)."""

@@ -1,0 +1,294 @@
+"""NoiseShift calibration against a Gaussian oracle with a closed-form optimum, the table, the baseline.
+
+Oracle: for x_0 ~ N(0, v I) the Bayes-optimal ε-prediction at conditioning c is
+ε*(x; c, v) = √(1−ᾱ_c) x / (ᾱ_c v + 1 − ᾱ_c). For v ≥ 1 its gain k(c) grows monotonically with c, so the
+argmin over c of E(k(c) x_t − ε)² is unique: k(c) = √(1−ᾱ_t)/(ᾱ_t s² + 1 − ᾱ_t) for data variance s².
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from mrdiff.diffusion.noiseshift import (
+    AnalyticShift,
+    Calibration,
+    NoiseShiftTable,
+    SearchSettings,
+    calibrate,
+    checkpoint_hash,
+)
+from mrdiff.diffusion.samplers import EpsFn, ddim_sample, ddim_timesteps
+from mrdiff.diffusion.schedule import NoiseSchedule
+
+SCHEDULE = NoiseSchedule()
+STRIDE = SearchSettings().fine_stride
+MID_T = [500, 600, 700, 800]  # where 2^20 oracle pixels pin the optimum to < 1/4 fine stride (1 s.d.)
+
+
+def oracle(schedule: NoiseSchedule, v: float) -> EpsFn:
+    """ε*(x; c, v) = √(1−ᾱ_c) x / (ᾱ_c v + 1 − ᾱ_c), ᾱ_c at fractional c."""
+
+    def eps(x: Tensor, c: Tensor) -> Tensor:
+        ab = schedule.alphas_cumprod_at(c).to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return (1 - ab).sqrt() * x / (ab * v + 1 - ab)
+
+    return eps
+
+
+def closed_form_t_hat(schedule: NoiseSchedule, t: int, s2: float, v: float) -> float:
+    """Solve √(1−ᾱ_c)/(ᾱ_c v + 1−ᾱ_c) = √(1−ᾱ_t)/(ᾱ_t s² + 1−ᾱ_t) for fractional c by bisection (v ≥ 1)."""
+    ab = float(schedule.alphas_cumprod[t])
+    target = math.sqrt(1 - ab) / (ab * s2 + 1 - ab)
+
+    def gain(c: float) -> float:
+        a = float(schedule.alphas_cumprod_at(c))
+        return math.sqrt(1 - a) / (a * v + 1 - a)
+
+    lo, hi = 0.0, schedule.num_timesteps - 1.0
+    assert gain(lo) < target < gain(hi), "optimum outside [0, T-1]"
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if gain(mid) < target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def gaussian_images(n: int, shape: tuple[int, ...], variance: float, seed: int = 1234) -> Tensor:
+    """x_0 ~ N(0, variance I), from a seed distinct from the search's ε seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g) * math.sqrt(variance)
+
+
+def sigma_gap(schedule: NoiseSchedule, a: float, b: float) -> float:
+    """|σ_rf(a) − σ_rf(b)|."""
+    return abs(float(schedule.sigma_rf_at(a) - schedule.sigma_rf_at(b)))
+
+
+# -- calibration -----------------------------------------------------------------------------------------
+def test_exact_oracle_gives_identity() -> None:
+    images = gaussian_images(4096, (1, 16, 16), 8.0)
+    settings = SearchSettings(num_images=4096, max_batch=4096)
+    cal = calibrate(oracle(SCHEDULE, 8.0), SCHEDULE, images, MID_T, settings, progress=False)
+    assert cal.t == [float(t) for t in MID_T]
+    for t, t_hat in zip(cal.t, cal.t_hat, strict=True):
+        assert sigma_gap(SCHEDULE, t_hat, t) <= STRIDE + 1e-9, (t, t_hat)
+    assert all(h <= lt + 1e-15 for h, lt in zip(cal.loss_t_hat, cal.loss_t, strict=True))
+
+
+@pytest.mark.parametrize(("s2", "v"), [(8.0, 4.0), (4.0, 8.0)])  # model under-/over-estimates the variance
+def test_mismatched_oracle_matches_closed_form(s2: float, v: float) -> None:
+    images = gaussian_images(4096, (1, 16, 16), s2)
+    settings = SearchSettings(num_images=4096, max_batch=4096)
+    cal = calibrate(oracle(SCHEDULE, v), SCHEDULE, images, MID_T, settings, progress=False)
+    for t, t_hat in zip(cal.t, cal.t_hat, strict=True):
+        expected = closed_form_t_hat(SCHEDULE, int(t), s2, v)
+        assert sigma_gap(SCHEDULE, expected, t) > 10 * STRIDE  # a real shift, not the identity
+        assert (t_hat < t) == (s2 > v)
+        assert sigma_gap(SCHEDULE, t_hat, expected) <= STRIDE + 1e-9, (t, t_hat, expected)
+    assert all(h <= lt for h, lt in zip(cal.loss_t_hat, cal.loss_t, strict=True))
+    assert all(h < lt for h, lt in zip(cal.loss_t_hat, cal.loss_t, strict=True))  # shift helps strictly
+
+
+def test_monotone_and_clamped_with_noisy_estimates() -> None:
+    # 256 pixels: Monte-Carlo noise of several σ_rf strides, so unconstrained argmins zig-zag.
+    images = gaussian_images(64, (1, 2, 2), 0.25)
+    steps = ddim_timesteps(SCHEDULE.num_timesteps, 50)
+    eps = oracle(SCHEDULE, 1.0)  # data variance 0.25 < 1: pushes t̂ up, to T−1 at large t
+    cal = calibrate(eps, SCHEDULE, images, steps, SearchSettings(), progress=False)
+    assert cal.t == sorted(float(t) for t in steps)
+    assert all(0.0 <= h <= SCHEDULE.num_timesteps - 1 for h in cal.t_hat)
+    assert cal.t_hat[-1] == SCHEDULE.num_timesteps - 1  # clamped: optimum lies beyond T−1
+    assert all(a <= b for a, b in zip(cal.t_hat, cal.t_hat[1:], strict=False))
+    for i, t in enumerate(cal.t):  # argmin over a set containing t whenever the cap admits t
+        if i == len(cal.t) - 1 or t <= cal.t_hat[i + 1]:
+            assert cal.loss_t_hat[i] <= cal.loss_t[i]
+    # the cap is doing work: independent per-timestep searches are not monotone
+    free = [calibrate(eps, SCHEDULE, images, [t], SearchSettings(seed=i), progress=False).t_hat[0]
+            for i, t in enumerate(steps)]
+    assert any(a < b for a, b in zip(free, free[1:], strict=False))
+
+
+def test_batching_and_seed_determinism() -> None:
+    images = gaussian_images(20, (1, 3, 3), 2.0)
+    eps = oracle(SCHEDULE, 1.0)
+    small = calibrate(eps, SCHEDULE, images, [100, 400], SearchSettings(max_batch=7), progress=False)
+    large = calibrate(eps, SCHEDULE, images, [400, 100], SearchSettings(max_batch=10_000), progress=False)
+    assert small.t_hat == large.t_hat
+    np.testing.assert_allclose(small.loss_t_hat, large.loss_t_hat, rtol=1e-12)
+    other = calibrate(eps, SCHEDULE, images, [100, 400], SearchSettings(seed=1), progress=False)
+    assert other.loss_t != small.loss_t
+
+
+def test_calibrate_evaluates_candidates_in_batches_with_float_t() -> None:
+    calls: list[tuple[int, torch.dtype]] = []
+    base = oracle(SCHEDULE, 1.0)
+
+    def eps(x: Tensor, c: Tensor) -> Tensor:
+        calls.append((x.shape[0], c.dtype))
+        assert c.shape == (x.shape[0],)
+        return base(x, c)
+
+    images = gaussian_images(10, (1, 2, 2), 1.0)
+    calibrate(eps, SCHEDULE, images, [300], SearchSettings(num_images=8, max_batch=64), progress=False)
+    assert all(dtype == torch.float32 for _, dtype in calls)
+    assert max(n for n, _ in calls) == 64  # 8 candidates × 8 images per forward pass
+    assert sum(n for n, _ in calls) % 8 == 0
+
+
+def test_settings_and_timesteps_validated() -> None:
+    with pytest.raises(ValueError, match="fine_stride"):
+        SearchSettings(fine_stride=0.0)
+    with pytest.raises(ValueError, match="timesteps"):
+        calibrate(oracle(SCHEDULE, 1.0), SCHEDULE, torch.zeros(2, 1, 2, 2), [1000], progress=False)
+
+
+# -- table -----------------------------------------------------------------------------------------------
+def small_table(checkpoint: str | None = "abcdef0123456789") -> NoiseShiftTable:
+    """A table with two square resolutions and one non-square one."""
+    table = NoiseShiftTable.new(SCHEDULE, checkpoint=checkpoint, data={"source": "test"})
+    table.add("32", Calibration([0, 500, 999], [0, 400, 999], [1.0, 0.5, 0.2], [1.0, 0.4, 0.2]))
+    table.add("128", Calibration([0, 500, 999], [10, 600, 999], [1.0, 0.5, 0.2], [0.9, 0.4, 0.2]))
+    table.add(NoiseShiftTable.resolution_key(96, 128), Calibration([100.0], [90.0], [0.3], [0.2]))
+    return table
+
+
+def test_resolution_key() -> None:
+    assert NoiseShiftTable.resolution_key(64, 64) == "64"
+    assert NoiseShiftTable.resolution_key(96, 128) == "96x128"
+    assert small_table().resolutions() == ["32", "96x128", "128"]  # by pixel count
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    table = small_table()
+    path = tmp_path / "sub" / "noiseshift.json"
+    table.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["noiseshift.json"]  # no temp file left behind
+    doc = json.loads(path.read_text())
+    assert doc["format_version"] == 1 and doc["schedule"] == SCHEDULE.describe()
+    expected = {"t": [100.0], "t_hat": [90.0], "loss_t": [0.3], "loss_t_hat": [0.2]}
+    assert doc["resolutions"]["96x128"] == expected
+    loaded = NoiseShiftTable.load(path, schedule=SCHEDULE, checkpoint="abcdef0123456789")
+    assert loaded.to_dict() == table.to_dict()
+    assert loaded["128"] == table["128"]
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    with pytest.raises(FileNotFoundError, match="t.json"):
+        NoiseShiftTable.load(path)
+    path.write_text('{"format_version": 1, "sched')
+    with pytest.raises(ValueError, match="not valid JSON.*recalibrate"):
+        NoiseShiftTable.load(path)
+    doc = small_table().to_dict()
+    path.write_text(json.dumps({**doc, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        NoiseShiftTable.load(path)
+    path.write_text(json.dumps({**doc, "resolutions": {"64": {"t": [1, 0], "t_hat": [1, 0]}}}))
+    with pytest.raises(ValueError, match="malformed"):
+        NoiseShiftTable.load(path)
+
+
+def test_load_rejects_other_schedule_and_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    small_table().save(path)
+    cosine = NoiseSchedule(kind="cosine")
+    with pytest.raises(ValueError) as info:
+        NoiseShiftTable.load(path, schedule=cosine)
+    message = str(info.value)
+    assert "kind=linear" in message and "kind=cosine" in message
+    assert SCHEDULE.describe()["fingerprint"] in message and cosine.describe()["fingerprint"] in message
+    with pytest.raises(ValueError, match="abcdef0123456789.*0000000000000000"):
+        NoiseShiftTable.load(path, checkpoint="0000000000000000")
+    NoiseShiftTable.load(path, checkpoint=None)  # no hash to compare: accepted
+    small_table(checkpoint=None).save(path)
+    NoiseShiftTable.load(path, checkpoint="0000000000000000")  # table without hash: accepted
+
+
+def test_checkpoint_hash(tmp_path: Path) -> None:
+    path = tmp_path / "model.ckpt"
+    payload = bytes(range(256)) * 9000  # > 1 MiB: several chunks
+    path.write_bytes(payload)
+    assert checkpoint_hash(path) == hashlib.sha256(payload).hexdigest()[:16]
+
+
+def test_time_cond_interpolates_and_keeps_device_dtype() -> None:
+    cond = small_table().time_cond(32, 32)
+    t = torch.tensor([0.0, 250.0, 500.0, 999.0], dtype=torch.float64)
+    out = cond(t)
+    assert out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), [0.0, 200.0, 400.0, 999.0])
+    assert cond(torch.tensor([750], dtype=torch.long)).dtype == torch.float32
+    edge = small_table().time_cond(96, 128)(torch.tensor([50.0, 100.0, 999.0]))  # outside: constant offset
+    np.testing.assert_allclose(edge.numpy(), [40.0, 90.0, 989.0])
+
+
+def test_missing_resolution_and_fallbacks() -> None:
+    table = small_table()
+    with pytest.raises(ValueError) as info:
+        table.time_cond(64, 64)
+    message = str(info.value)
+    assert "64" in message and "['32', '96x128', '128']" in message and "fallback" in message
+    t = torch.tensor([500.0])
+    assert table.time_cond(64, 64, fallback="identity")(t).item() == 500.0
+    assert table.time_cond(40, 40, fallback="nearest")(t).item() == pytest.approx(400.0)  # 32² is nearest
+    assert table.time_cond(120, 120, fallback="nearest")(t).item() == pytest.approx(600.0)  # 128²
+
+
+def test_merge_requires_same_schedule() -> None:
+    table = small_table()
+    other = NoiseShiftTable.new(NoiseSchedule(kind="cosine"))
+    with pytest.raises(ValueError, match="different schedules"):
+        table.merge(other)
+    extra = NoiseShiftTable.new(SCHEDULE)
+    extra.add("64", Calibration([1.0], [1.0], [0.0], [0.0]))
+    table.merge(extra)
+    assert "64" in table.resolutions()
+
+
+# -- analytic baseline -----------------------------------------------------------------------------------
+def test_analytic_shift() -> None:
+    t = torch.tensor([100.0, 300.0, 500.0, 700.0])
+    same = AnalyticShift(SCHEDULE, train_pixels=64 * 64, sample_pixels=64 * 64)(t)
+    assert same.dtype == torch.float32 and torch.equal(same, t)
+    shift = AnalyticShift(SCHEDULE, train_pixels=64 * 64, sample_pixels=128 * 128)
+    t_hat = shift(t)
+    assert t_hat.dtype == torch.float32 and bool((t_hat < t).all())
+    lam = SCHEDULE.log_snr_at(t_hat.double()) - SCHEDULE.log_snr_at(t)
+    np.testing.assert_allclose(lam.numpy(), math.log(4.0), atol=1e-6)
+    down = AnalyticShift(SCHEDULE, train_pixels=128 * 128, sample_pixels=64 * 64)(t)
+    assert bool((down > t).all())
+
+
+# -- samplers feed t̂ while the coefficients stay nominal -------------------------------------------------
+def test_ddim_feeds_time_cond_to_eps() -> None:
+    table = small_table()
+
+    def run(time_cond: object) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        xs: list[Tensor] = []
+        ts: list[Tensor] = []
+
+        def eps(x: Tensor, c: Tensor) -> Tensor:  # ignores c, so trajectories agree iff coefficients do
+            xs.append(x.clone())
+            ts.append(c.clone())
+            return 0.1 * x
+
+        x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+        out = ddim_sample(eps, SCHEDULE, x_T, steps=10, time_cond=time_cond)  # type: ignore[arg-type]
+        return out, xs, ts
+
+    out_shift, xs_shift, ts_shift = run(table.time_cond(32, 32))
+    out_id, xs_id, ts_id = run(None)
+    nominal = ddim_timesteps(SCHEDULE.num_timesteps, 10)
+    assert [c[0].item() for c in ts_id] == [float(t) for t in nominal]
+    expected = np.interp(nominal, [0, 500, 999], [0, 400, 999])
+    np.testing.assert_allclose([c[0].item() for c in ts_shift], expected, rtol=1e-6)
+    assert any(a[0].item() != b[0].item() for a, b in zip(ts_shift, ts_id, strict=True))
+    assert torch.equal(out_shift, out_id)
+    assert all(torch.equal(a, b) for a, b in zip(xs_shift, xs_id, strict=True))
