@@ -16,6 +16,7 @@ from mrdiff.checkpoint import AtomicCheckpointIO, load_checkpoint, load_weights
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import AnalyticShift, NoiseShiftTable, SearchSettings, checkpoint_hash
 from mrdiff.diffusion.samplers import TimeCond
+from mrdiff.loggers import SaveConfig, WandbRun
 from mrdiff.module import DiffusionModule
 
 Resolution = int | str
@@ -70,6 +71,9 @@ class MrdiffTrainer(Trainer):
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins.append(AtomicCheckpointIO())
         super().__init__(*args, plugins=plugins, **kwargs)
+        for logger in self.loggers:
+            if isinstance(logger, WandbRun) and logger.dir_from_trainer:
+                logger.use_run_dir(self.default_root_dir)
 
     def _load_for_inference(self, model: DiffusionModule, ckpt_path: str | None, command: str) -> DiffusionModule:
         if not ckpt_path:
@@ -148,11 +152,17 @@ class MrdiffTrainer(Trainer):
         return path
 
 
+def training_side(multires: bool, patch_size: int, image_size: int, train_size: int | None) -> int:
+    """Side of one training input: the patch (multi-resolution) or the fixed training size."""
+    return patch_size if multires else (train_size or image_size)
+
+
 class MrdiffCLI(LightningCLI):
     """LightningCLI for DiffusionModule + MultiResDataModule with mrdiff's extra subcommands."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", MrdiffTrainer)
+        kwargs.setdefault("save_config_callback", SaveConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(DiffusionModule, MultiResDataModule, *args, **kwargs)
@@ -167,8 +177,8 @@ class MrdiffCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.coord_mode", "model.coord_mode")
-        parser.link_arguments(("data.multires", "data.patch_size", "data.image_size"), "model.train_resolution",
-                              compute_fn=lambda multires, patch, size: patch if multires else size)
+        parser.link_arguments(("data.multires", "data.patch_size", "data.image_size", "data.train_size"),
+                              "model.train_resolution", compute_fn=training_side)
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mrdiff.data.sampling import item_seed
 from mrdiff.diffusion.samplers import SAMPLERS, EpsFn, PerSampleNoise, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule, ScheduleKind
 from mrdiff.nn.coords import CoordMode, canvas_grid
@@ -66,6 +68,13 @@ class DiffusionModule(L.LightningModule):
         x_t = self.schedule.q_sample(x0, t, noise)
         eps = self(x_t, t.float(), batch.get("grid"), batch.get("scale"))
         return F.mse_loss(eps.float(), noise.float())
+
+    def on_fit_start(self) -> None:
+        self._base_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Seed the RNGs from (seed, step, rank): t, ε and dropout of a step survive a resume exactly."""
+        torch.manual_seed(item_seed(self._base_seed, self.global_step, self.global_rank))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss = self.diffusion_loss(batch)

@@ -18,8 +18,7 @@ def tiny_config(run_dir: Path, **overrides) -> dict:
             "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(run_dir),
             "callbacks": [
                 {"class_path": "mrdiff.callbacks.ema.EMA", "init_args": {"decay": 0.9}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(run_dir / "checkpoints"), "save_last": True}},
+                {"class_path": "mrdiff.callbacks.checkpoint.RunCheckpoint", "init_args": {"save_last": True}},
             ],
         },
         "model": {

@@ -8,6 +8,7 @@ from scipy import stats
 
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.data.images import ImageFolder
+from mrdiff.data.sampling import ResumableSampler
 from mrdiff.data.synthetic import render_canvas, sample_scene
 from mrdiff.data.transforms import PatchCollate, PatchSampler, resize
 from mrdiff.nn.coords import canvas_grid
@@ -58,15 +59,30 @@ def test_impossible_patch_settings_are_clear_errors(kwargs, message):
 
 
 def test_collate_per_sample_and_per_batch_scales():
-    items = [(i, sample_scene(i)) for i in range(6)]
+    items = [(1000 + i, sample_scene(i)) for i in range(6)]
     sampler = PatchSampler(s_min=32, s_max=64, patch_size=32, p_min=0.0)
-    per_sample = PatchCollate(sampler, size=64, seed=0)(items)
+    per_sample = PatchCollate(sampler, size=64)(items)
     assert per_sample["image"].shape == (6, 3, 32, 32) and per_sample["grid"].shape == (6, 2, 32, 32)
     assert per_sample["scale"].shape == (6,) and len(set(per_sample["scale"].tolist())) > 1
-    shared = PatchCollate(sampler, size=64, per_batch_scale=True, seed=0)(items)
+    shared = PatchCollate(sampler, size=64, per_batch_scale=True)(items)
     assert shared["scale"].shape == (1,)
-    again = PatchCollate(sampler, size=64, seed=0)(items)
-    assert torch.equal(again["image"], per_sample["image"])  # seeded (validation) draws repeat
+    again = PatchCollate(sampler, size=64)(items)
+    assert torch.equal(again["image"], per_sample["image"])  # draws are a function of the item seeds
+
+
+def test_resumable_sampler_shards_resumes_and_varies_by_epoch():
+    data = list(range(20))
+    ranks = [ResumableSampler(data, batch_size=2, seed=0, num_replicas=2, rank=r) for r in range(2)]
+    shards = [list(s) for s in ranks]
+    assert not {i for i, _ in shards[0]} & {i for i, _ in shards[1]}  # disjoint DDP shards
+    assert len({seed for shard in shards for _, seed in shard}) == 20  # every position its own seed
+    straight = list(ResumableSampler(data, batch_size=4, seed=0))
+    resumed = ResumableSampler(data, batch_size=4, seed=0)
+    resumed.skip(epoch=0, batches=2)
+    assert list(resumed) == straight[8:]
+    assert list(resumed) == straight  # the skip applies once
+    resumed.set_epoch(1)
+    assert list(resumed) != straight
 
 
 def test_fixed_mode_gives_whole_images_with_the_canvas_grid():

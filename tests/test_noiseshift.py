@@ -25,7 +25,7 @@ from mrdiff.diffusion.noiseshift import (
     calibrate,
     checkpoint_hash,
 )
-from mrdiff.diffusion.samplers import EpsFn, ddim_sample, ddim_timesteps
+from mrdiff.diffusion.samplers import EpsFn, TimeCond, ddim_sample, ddim_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
 
 SCHEDULE = NoiseSchedule()
@@ -74,7 +74,7 @@ def sigma_gap(schedule: NoiseSchedule, a: float, b: float) -> float:
 # -- calibration -----------------------------------------------------------------------------------------
 def test_exact_oracle_gives_identity() -> None:
     images = gaussian_images(4096, (1, 16, 16), 8.0)
-    settings = SearchSettings(num_images=4096, max_batch=4096)
+    settings = SearchSettings(num_images=4096, max_batch=1024)
     cal = calibrate(oracle(SCHEDULE, 8.0), SCHEDULE, images, MID_T, settings, progress=False)
     assert cal.t == [float(t) for t in MID_T]
     for t, t_hat in zip(cal.t, cal.t_hat, strict=True):
@@ -85,7 +85,7 @@ def test_exact_oracle_gives_identity() -> None:
 @pytest.mark.parametrize(("s2", "v"), [(8.0, 4.0), (4.0, 8.0)])  # model under-/over-estimates the variance
 def test_mismatched_oracle_matches_closed_form(s2: float, v: float) -> None:
     images = gaussian_images(4096, (1, 16, 16), s2)
-    settings = SearchSettings(num_images=4096, max_batch=4096)
+    settings = SearchSettings(num_images=4096, max_batch=1024)
     cal = calibrate(oracle(SCHEDULE, v), SCHEDULE, images, MID_T, settings, progress=False)
     for t, t_hat in zip(cal.t, cal.t_hat, strict=True):
         expected = closed_form_t_hat(SCHEDULE, int(t), s2, v)
@@ -147,6 +147,8 @@ def test_settings_and_timesteps_validated() -> None:
         SearchSettings(fine_stride=0.0)
     with pytest.raises(ValueError, match="timesteps"):
         calibrate(oracle(SCHEDULE, 1.0), SCHEDULE, torch.zeros(2, 1, 2, 2), [1000], progress=False)
+    with pytest.raises(ValueError, match="integers"):
+        calibrate(oracle(SCHEDULE, 1.0), SCHEDULE, torch.zeros(2, 1, 2, 2), [10.5], progress=False)
 
 
 # -- table -----------------------------------------------------------------------------------------------
@@ -270,7 +272,7 @@ def test_analytic_shift() -> None:
 def test_ddim_feeds_time_cond_to_eps() -> None:
     table = small_table()
 
-    def run(time_cond: object) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def run(time_cond: TimeCond | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         xs: list[Tensor] = []
         ts: list[Tensor] = []
 
@@ -280,7 +282,7 @@ def test_ddim_feeds_time_cond_to_eps() -> None:
             return 0.1 * x
 
         x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-        out = ddim_sample(eps, SCHEDULE, x_T, steps=10, time_cond=time_cond)  # type: ignore[arg-type]
+        out = ddim_sample(eps, SCHEDULE, x_T, steps=10, time_cond=time_cond)
         return out, xs, ts
 
     out_shift, xs_shift, ts_shift = run(table.time_cond(32, 32))

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mrdiff.data.images import CelebAImages, ImageFolder
+from mrdiff.data.sampling import ResumableSampler
 from mrdiff.data.synthetic import sample_scene
 from mrdiff.data.transforms import PatchCollate, PatchSampler, prepare_full
 from mrdiff.nn.coords import CoordMode
@@ -20,8 +21,8 @@ from mrdiff.nn.coords import CoordMode
 Source = Literal["synthetic", "folder", "celeba"]
 
 
-class Indexed(Dataset):
-    """Wraps a dataset of items as (index, item) pairs (the collate seeds validation draws by index)."""
+class Subset(Dataset):
+    """Part of a dataset, indexed by (i, item_seed) from ResumableSampler: returns (item_seed, item)."""
 
     def __init__(self, dataset: Dataset, indices: range | list[int]) -> None:
         self.dataset, self.indices = dataset, list(indices)
@@ -29,8 +30,12 @@ class Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[int, Any]:
-        return self.indices[i], self.dataset[self.indices[i]]
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any]:
+        i, seed = key
+        return seed, self.dataset[self.indices[i]]
+
+    def item(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
 
 
 class MultiResDataModule(L.LightningDataModule):
@@ -41,8 +46,9 @@ class MultiResDataModule(L.LightningDataModule):
         *,
         source: Source = "synthetic",
         root: str | None = None,  # image folder, or the directory holding celeba/
-        image_size: int = 64,  # base size images are prepared at (fixed mode: the training resolution)
-        multires: bool = True,  # False: fixed-resolution baseline (whole images at image_size)
+        image_size: int = 64,  # size images are loaded at (the FID reference is made from these)
+        multires: bool = True,  # False: fixed-resolution baseline (whole images at train_size)
+        train_size: int | None = None,  # fixed mode: training resolution (default image_size)
         s_min: int = 32,
         s_max: int = 64,
         patch_size: int = 32,
@@ -68,17 +74,22 @@ class MultiResDataModule(L.LightningDataModule):
             raise ValueError(f"data.source={source!r} needs data.root (the folder with the images)")
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._resume: dict[str, int] | None = None
 
     @property
     def train_resolution(self) -> int:
         """Largest image the model sees in training: s_max (multi-res) or image_size (fixed)."""
-        return self.hparams.s_max if self.hparams.multires else self.hparams.image_size
+        return self.hparams.s_max if self.hparams.multires else self.fixed_size
 
     @property
     def patch_pixels(self) -> int:
         """Pixels of one training input (the m of the analytic resolution shift)."""
-        side = self.hparams.patch_size if self.hparams.multires else self.hparams.image_size
+        side = self.hparams.patch_size if self.hparams.multires else self.fixed_size
         return side * side
+
+    @property
+    def fixed_size(self) -> int:
+        return self.hparams.train_size or self.hparams.image_size
 
     def base_dataset(self) -> Dataset:
         """The source's items (image tensors at image_size, or Scenes), unsplit."""
@@ -99,29 +110,53 @@ class MultiResDataModule(L.LightningDataModule):
         num_val = min(self.hparams.num_val, max(n // 10, 1))
         if n < 2:
             raise ValueError(f"the data set has {n} image(s); mrdiff needs at least 2 (one for validation)")
-        self.val_set = Indexed(base, range(n - num_val, n))
-        self.train_set = Indexed(base, range(n - num_val))
+        self.val_set = Subset(base, range(n - num_val, n))
+        self.train_set = Subset(base, range(n - num_val))
 
-    def collate(self, seed: int | None) -> PatchCollate:
+    def collate(self) -> PatchCollate:
         h = self.hparams
-        return PatchCollate(self.sampler, size=h.image_size, per_batch_scale=h.per_batch_scale,
-                            coord_mode=h.coord_mode, seed=seed)
+        return PatchCollate(self.sampler, size=self.fixed_size, per_batch_scale=h.per_batch_scale,
+                            coord_mode=h.coord_mode)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, seed=None, drop_last=True)
+        sampler = self._sampler(self.train_set, train=True)
+        if self._resume is not None:
+            sampler.skip(**self._resume)
+            self._resume = None
+        return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False, seed=self.hparams.seed + 1, drop_last=False)
+        return self._loader(self.val_set, self._sampler(self.val_set, train=False))
 
-    def _loader(self, dataset: Dataset | None, *, shuffle: bool, seed: int | None, drop_last: bool) -> DataLoader:
+    def _sampler(self, dataset: Dataset | None, *, train: bool) -> ResumableSampler:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         h = self.hparams
-        batch_size = min(h.batch_size, len(dataset)) if drop_last else h.batch_size
+        batch_size = min(h.batch_size, len(dataset)) if train else h.batch_size
+        return ResumableSampler(dataset, batch_size=batch_size, seed=h.seed + (0 if train else 1),
+                                shuffle=train, drop_last=train, vary_with_epoch=train)
+
+    def _loader(self, dataset: Dataset, sampler: ResumableSampler) -> DataLoader:
+        h = self.hparams
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=h.num_workers,
-            collate_fn=self.collate(seed), persistent_workers=h.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=sampler.drop_last,
+            num_workers=h.num_workers, collate_fn=self.collate(), persistent_workers=h.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
         )
+
+    # -- exact resume --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in the data: epoch and batches processed in it (saved in checkpoints)."""
+        if self.trainer is None:
+            return {}
+        loop = self.trainer.fit_loop
+        return {"epoch": loop.epoch_progress.current.processed,
+                "batches": loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume mid-epoch: the next train dataloader skips the batches already trained on."""
+        if state_dict:
+            self._resume = {"epoch": state_dict["epoch"], "batches": state_dict["batches"]}
 
     def test_dataloader(self) -> DataLoader:
         """One placeholder batch per rank: evaluation callbacks (FID, structure) draw their own samples."""
@@ -147,7 +182,7 @@ class MultiResDataModule(L.LightningDataModule):
             warnings.warn(f"asked for {num} reference images, the training set has {len(dataset)}", stacklevel=2)
             num = len(dataset)
         for start in range(0, num, batch_size):
-            items = [dataset[i][1] for i in range(start, min(start + batch_size, num))]
+            items = [dataset.item(i) for i in range(start, min(start + batch_size, num))]
             yield torch.stack([prepare_full(item, height, width) for item in items])
 
 

@@ -87,32 +87,38 @@ class PatchCollate:
 
     With `sampler=None` (fixed-resolution mode) every item is prepared whole at `size`.
     With `per_batch_scale`, one scale is drawn per batch (same marginal distribution, one SAFA kernel mix
-    per layer); `scale` is then [1] instead of [B]. Items come as (index, item) pairs; with a `seed`,
-    the draws of a batch are a function of (seed, its first index), whatever the worker (validation).
+    per layer); `scale` is then [1] instead of [B]. Items come as (item_seed, item) pairs: an item's
+    scale and crop are drawn from its own seed (the batch's first seed for a shared scale), so batches
+    do not depend on the worker that builds them.
     """
 
     def __init__(
         self, sampler: PatchSampler | None, *, size: int, per_batch_scale: bool = False,
-        coord_mode: CoordMode = "normalized", seed: int | None = None,
+        coord_mode: CoordMode = "normalized",
     ) -> None:
         self.sampler, self.size, self.per_batch_scale = sampler, size, per_batch_scale
-        self.coord_mode, self.seed = coord_mode, seed
+        self.coord_mode = coord_mode
 
     def __call__(self, batch: Sequence[tuple[int, Any]]) -> dict[str, Tensor]:
-        indices, items = zip(*batch)
-        gen = None if self.seed is None else torch.Generator().manual_seed(self.seed * 1_000_003 + int(indices[0]))
+        seeds, items = zip(*batch)
         if self.sampler is None:
             images = torch.stack([prepare_full(it, self.size, self.size) for it in items])
             grid = crop_grid(self.size, self.size, 0, 0, self.size, self.size, self.coord_mode)
             return {"image": images, "grid": grid.expand(len(items), -1, -1, -1).contiguous(),
                     "scale": torch.full((1,), float(self.size))}
-        shared = self.sampler.draw_scale(gen) if self.per_batch_scale else None
+        shared = self.sampler.draw_scale(_generator(seeds[0] + 1)) if self.per_batch_scale else None
         patches, grids, scales = [], [], []
-        for item in items:
-            scale = shared if shared is not None else self.sampler.draw_scale(gen)
+        for seed, item in zip(seeds, items):
+            gen = _generator(seed)
+            scale = self.sampler.draw_scale(gen)  # always drawn, so crops match across both modes
+            scale = shared if shared is not None else scale
             top, left = self.sampler.draw_crop(scale, gen)
             patches.append(self.sampler.cut(item, scale, top, left))
             grids.append(self.sampler.grid(scale, top, left))
             scales.append(float(scale))
         scale_t = torch.tensor(scales[:1] if shared is not None else scales)
         return {"image": torch.stack(patches), "grid": torch.stack(grids), "scale": scale_t}
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) % 2**63)

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,6 +100,8 @@ class Calibration:
 
 def _timesteps_descending(timesteps: Sequence[int], num_timesteps: int) -> list[int]:
     """Unique integer timesteps in [0, T−1], sorted from high to low."""
+    if any(float(t) != int(t) for t in timesteps):
+        raise ValueError(f"timesteps must be integers, got {list(timesteps)}")
     steps = sorted({int(t) for t in timesteps}, reverse=True)
     if not steps:
         raise ValueError("calibrate needs at least one timestep")
@@ -114,9 +116,20 @@ def _candidates(
     """Fractional t at σ_rf(center) + k·stride, |k·stride| ≤ window, clamped to [0, min(T−1, cap)]."""
     half = int(math.floor(window / stride + 1e-9))
     sigma = float(schedule.sigma_rf_at(center)) + stride * np.arange(-half, half + 1, dtype=np.float64)
-    t = schedule.t_from_sigma_rf(sigma).numpy()
-    t = np.clip(t, 0.0, min(schedule.num_timesteps - 1.0, cap))
-    return sorted({round(float(v), _ROUND) for v in t})
+    t = np.round(schedule.t_from_sigma_rf(sigma).numpy(), _ROUND)
+    return sorted({float(v) for v in np.clip(t, 0.0, min(schedule.num_timesteps - 1.0, cap))})
+
+
+def _chunks(k: int, n: int, max_batch: int) -> Iterator[tuple[int, int, int, int]]:
+    """(c0, c1, i0, i1): candidates [c0, c1) × images [i0, i1) per pass, at most max_batch pairs."""
+    if max_batch >= n:
+        group = max_batch // n
+        for c0 in range(0, k, group):
+            yield c0, min(c0 + group, k), 0, n
+        return
+    for c in range(k):
+        for i0 in range(0, n, max_batch):
+            yield c, c + 1, i0, min(i0 + max_batch, n)
 
 
 def _losses(eps: EpsFn, x_t: Tensor, noise: Tensor, cands: Sequence[float], max_batch: int) -> np.ndarray:
@@ -125,16 +138,15 @@ def _losses(eps: EpsFn, x_t: Tensor, noise: Tensor, cands: Sequence[float], max_
     acc = torch.float32 if device.type == "mps" else torch.float64
     cand_t = torch.tensor(list(cands), dtype=torch.float32, device=device)
     totals = torch.zeros(k, dtype=acc, device=device)
-    for start in range(0, k * n, max_batch):
-        idx = torch.arange(start, min(start + max_batch, k * n), device=device)
-        ci, ii = idx // n, idx % n
-        x = x_t[ii]
-        pred = eps(x, cand_t[ci])
+    for c0, c1, i0, i1 in _chunks(k, n, max_batch):
+        g, m, x = c1 - c0, i1 - i0, x_t[i0:i1]
+        x = x if g == 1 else x.unsqueeze(0).expand(g, *x.shape).reshape(g * m, *x.shape[1:])
+        pred = eps(x, cand_t[c0:c1].repeat_interleave(m))
         if pred.shape != x.shape:
             raise ValueError(f"eps returned shape {tuple(pred.shape)} for input {tuple(x.shape)}")
-        err = (pred - noise[ii]).to(acc).pow(2).flatten(1).mean(1)
-        totals.index_add_(0, ci, err)
-    losses = (totals / n).double().cpu().numpy()
+        diff = pred.reshape(g, m, -1).float() - noise[i0:i1].reshape(1, m, -1).float()
+        totals[c0:c1] += diff.pow(2).mean(-1).to(acc).sum(1)  # per-image means in float32, sums in acc
+    losses = (totals / n).cpu().double().numpy()
     if not np.all(np.isfinite(losses)):
         raise ValueError(f"eps produced non-finite losses at candidates {list(cands)}")
     return losses
@@ -158,7 +170,7 @@ class _StepSearch:
 
     def best(self, cap: float) -> float:
         """argmin of the loss over scored candidates ≤ cap; ties go to the candidate closest to t."""
-        allowed = [c for c in self.scores if c <= cap + 1e-9]
+        allowed = [c for c in self.scores if c <= cap]
         return min(allowed, key=lambda c: (self.scores[c], abs(c - self.t)))
 
     def run(self, s: SearchSettings, cap: float) -> tuple[float, float, float]:
@@ -187,12 +199,16 @@ def calibrate(
     their device. The cap t̂(t) ≤ t̂(t') for t < t' may exclude c = t itself, whose loss is still reported.
     """
     steps = _timesteps_descending(timesteps, schedule.num_timesteps)
+    if images.ndim < 2 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty batch [N, C, H, W], got shape {tuple(images.shape)}")
     x0 = images[: settings.num_images]
     generator = torch.Generator().manual_seed(settings.seed)
     cap, rows = schedule.num_timesteps - 1.0, []
-    for t in tqdm(steps, desc="NoiseShift", leave=False, disable=not progress):
+    bar = tqdm(steps, desc="NoiseShift", leave=False, disable=not progress)
+    for t in bar:
         noise = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
         t_hat, loss_t, loss_hat = _StepSearch(eps, schedule, x0, noise, t).run(settings, cap)
+        bar.set_postfix(t=t, t_hat=f"{t_hat:.2f}")
         cap = t_hat
         rows.append((float(t), t_hat, loss_t, loss_hat))
     rows.reverse()
@@ -244,7 +260,7 @@ class InterpolatedTimeCond:
         out = np.where(tv > self.t[-1], tv + (self.t_hat[-1] - self.t[-1]), out)
         out = np.clip(out, 0.0, self.num_timesteps - 1.0)
         dtype = t.dtype if t.is_floating_point() else torch.float32
-        return torch.as_tensor(out, device=t.device).to(dtype)
+        return torch.as_tensor(out, dtype=dtype, device=t.device)
 
 
 def _describe_schedule(d: dict[str, Any]) -> str:
@@ -267,6 +283,8 @@ class NoiseShiftTable:
         data: dict[str, Any],  # where the x_0 images came from (free-form)
         calibrations: dict[str, Calibration],
     ) -> None:
+        if "num_timesteps" not in schedule:
+            raise ValueError("schedule description lacks num_timesteps: pass NoiseSchedule.describe()")
         self.schedule, self.checkpoint = dict(schedule), checkpoint
         self.settings, self.data = dict(settings), dict(data)
         self.calibrations: dict[str, Calibration] = {}

@@ -1,0 +1,382 @@
+"""FID and structure per resolution: the callback behind `mrdiff test`, reporting the paper's Table 1.
+
+Rows are the model and its variants (+ NoiseShift, + analytic shift), columns the resolutions. Fake i is
+sampled from seed + i at every resolution and in every row, and each DDP rank samples seeds[rank::world],
+so the numbers do not depend on the number of GPUs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from mrdiff.callbacks.ema import ema_weights
+from mrdiff.callbacks.media import log_figure, log_table
+from mrdiff.cli import parse_resolution, resolution_key, run_dir_of, time_conditioning
+from mrdiff.diffusion.samplers import TimeCond
+from mrdiff.metrics.fid import (
+    FID,
+    RealStatsCache,
+    configured_weights,
+    extractor_id,
+    inception,
+    rank_and_world,
+    real_statistics,
+    require_weights,
+    to_uint8,
+)
+from mrdiff.metrics.structure import reference_radii, structure_score
+from mrdiff.module import DiffusionModule
+
+METRICS: dict[str, tuple[str, str]] = {
+    "fid": ("FID ↓", "{:.2f}"),
+    "one_sun_rate": ("one-sun rate ↑", "{:.3f}"),
+    "radius_error": ("sun radius error ↓", "{:.3f}"),
+}
+"""Table metrics in display order: heading and number format."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of the table: how the sampler conditions the network on time."""
+
+    label: str  # row name, e.g. "mrdiff + NoiseShift"
+    slug: str  # suffix of logged keys: "" for the plain model
+    noiseshift: str | None = None  # NoiseShift table path
+    shift: Literal["none", "analytic"] = "none"
+
+
+@dataclass
+class EvalTable:
+    """Rows: variants; columns: resolutions; cells: metric → value (nan where undefined)."""
+
+    resolutions: list[str]
+    variants: list[Variant]
+    cells: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    structure: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def value(self, variant: str, resolution: str, metric: str) -> float:
+        return self.cells.get((variant, resolution), {}).get(metric, math.nan)
+
+    def metrics(self) -> list[str]:
+        """The metrics some cell has, in display order."""
+        present = {name for cell in self.cells.values() for name in cell}
+        return [name for name in METRICS if name in present]
+
+    def rows(self) -> list[list[Any]]:
+        """[variant, metric, value per resolution] for every (variant, metric): the CSV / W&B layout."""
+        return [[v.label, metric, *(self.value(v.label, r, metric) for r in self.resolutions)]
+                for metric in self.metrics() for v in self.variants]
+
+    def columns(self) -> list[str]:
+        return ["variant", "metric", *self.resolutions]
+
+    def markdown(self) -> str:
+        """One Markdown table per metric: variants down, resolutions across."""
+        blocks = []
+        for metric in self.metrics():
+            heading, fmt = METRICS[metric]
+            lines = [f"**{heading}**", "", "| | " + " | ".join(self.resolutions) + " |",
+                     "|---|" + "---:|" * len(self.resolutions)]
+            for v in self.variants:
+                values = [self.value(v.label, r, metric) for r in self.resolutions]
+                lines.append(f"| {v.label} | " + " | ".join("–" if math.isnan(x) else fmt.format(x)
+                                                            for x in values) + " |")
+            blocks.append("\n".join(lines))
+        return "\n\n".join(blocks) + "\n"
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.columns())
+        writer.writerows([[*row[:2], *(repr(x) for x in row[2:])] for row in self.rows()])
+        return out.getvalue()
+
+    def as_json(self) -> dict[str, Any]:
+        """Settings, columns and rows with every metric of every cell (nan → null)."""
+        rows = []
+        for v in self.variants:
+            cells = {r: {**self.cells.get((v.label, r), {}), **({"structure": self.structure[(v.label, r)]}
+                                                               if (v.label, r) in self.structure else {})}
+                     for r in self.resolutions}
+            rows.append({"variant": v.label, "key_suffix": v.slug, "cells": cells})
+        return _finite({"settings": self.settings, "columns": self.resolutions, "metrics": self.metrics(),
+                        "rows": rows})
+
+
+def _finite(obj: Any) -> Any:
+    """A copy of nested dicts / lists with non-finite floats replaced by None (valid JSON)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def plot_table(table: EvalTable, path: Path) -> Path | None:
+    """FID and one-sun rate against resolution, one line per variant (PNG); None when neither was measured."""
+    metrics = [m for m in ("fid", "one_sun_rate") if m in table.metrics()]
+    if not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = [math.sqrt(math.prod(parse_resolution(r))) for r in table.resolutions]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), dpi=100, squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for v in table.variants:
+            values = [table.value(v.label, r, metric) for r in table.resolutions]
+            ax.plot(sides, values, marker="o", label=v.label)
+        ax.set_xticks(sides, labels=table.resolutions)
+        ax.set(xlabel="resolution", ylabel=METRICS[metric][0], title=METRICS[metric][0])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def gather_images(images: Tensor) -> Tensor:
+    """Every rank's images concatenated on every rank (identity without torch.distributed)."""
+    if rank_and_world()[1] == 1:
+        return images
+    parts: list[Tensor | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, images.cpu())
+    return torch.cat([p for p in parts if p is not None])
+
+
+class ResolutionEvaluation(L.Callback):
+    """FID and structure score per resolution with and without NoiseShift: `mrdiff test` (and during fit).
+
+    Writes eval_table.{md,csv,json} and eval_plot.png into the run directory, prints the Markdown table,
+    logs the table and plot to W&B and scalars such as test/fid_64, test/fid_64_noiseshift.
+    """
+
+    def __init__(
+        self,
+        resolutions: list[int | str] = [64],  # noqa: B006 - N or "HxW"
+        num_samples: int = 1000,  # fakes per resolution and row
+        num_reference: int | None = None,  # real images for the FID statistics; default num_samples
+        sampler: Literal["ddpm", "ddim"] = "ddim",
+        steps: int = 50,  # DDIM steps
+        eta: float = 0.0,  # DDIM η
+        seed: int = 0,  # fake i uses seed + i at every resolution and in every row
+        noiseshift: str | None = None,  # NoiseShift table (JSON): adds a "+ NoiseShift" row
+        analytic_shift: bool = False,  # adds a "+ analytic shift" row (SD3-style log-SNR shift)
+        fid: bool | None = None,  # None: FID when Inception weights are configured, otherwise skipped
+        structure: bool | None = None,  # sun-structure score; None: on for data.source == "synthetic"
+        inception_weights: str | None = None,  # default: $MRDIFF_INCEPTION_WEIGHTS
+        feature_extractor: nn.Module | None = None,  # instead of Inception: uint8 [N, 3, H, W] → [N, D]
+        cache_dir: str | None = None,  # real statistics; default $MRDIFF_FID_CACHE or ~/.cache/mrdiff/fid
+        batch_size: int = 64,  # per device, for sampling and reference features
+        every_n_epochs: int = 0,  # also evaluate during fit (EMA weights); 0: only in `mrdiff test`
+        name: str = "mrdiff",  # row label of the plain model
+        progress: bool = True,
+    ) -> None:
+        if num_samples < 2 or (num_reference is not None and num_reference < 2):
+            raise ValueError("ResolutionEvaluation needs num_samples (and num_reference) >= 2")
+        self.resolutions = [parse_resolution(r) for r in resolutions]
+        self.num_samples, self.num_reference = num_samples, num_reference or num_samples
+        self.sampler, self.steps, self.eta, self.seed = sampler, steps, eta, seed
+        self.noiseshift, self.analytic_shift = noiseshift, analytic_shift
+        self.fid, self.structure, self.inception_weights = fid, structure, inception_weights
+        self.feature_extractor, self.cache_dir, self.batch_size = feature_extractor, cache_dir, batch_size
+        self.every_n_epochs, self.name, self.progress = every_n_epochs, name, progress
+        self._extractor: nn.Module | None = None
+        self._fid_skip_said = False
+        self._radii: list[float] | None = None
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Fail before any work: bad resolutions, missing weights or NoiseShift table."""
+        if stage != "test" and not (stage == "fit" and self.every_n_epochs):
+            return
+        for height, width in self.resolutions:
+            pl_module.net.check_size(height, width)
+        self._fid_on(trainer)
+        for path in filter(None, [self.noiseshift]):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"NoiseShift table {path} does not exist: run `mrdiff calibrate` "
+                                        "first")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module, "test")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            with ema_weights(trainer, pl_module):
+                self.evaluate(trainer, pl_module, "val")
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def variants(self) -> list[Variant]:
+        rows = [Variant(self.name, "")]
+        if self.noiseshift:
+            rows.append(Variant(f"{self.name} + NoiseShift", "noiseshift", noiseshift=self.noiseshift))
+        if self.analytic_shift:
+            rows.append(Variant(f"{self.name} + analytic shift", "analytic", shift="analytic"))
+        return rows
+
+    def evaluate(self, trainer: L.Trainer, pl_module: DiffusionModule, stage: str) -> EvalTable:
+        """Sample and score every (variant, resolution); report the table. Collective under DDP."""
+        ckpt = str(trainer.ckpt_path) if stage == "test" and trainer.ckpt_path else None
+        table = EvalTable([resolution_key(h, w) for h, w in self.resolutions], self.variants(),
+                          settings=self._settings(trainer, pl_module, stage, ckpt))
+        conds = {(v, hw): time_conditioning(pl_module, *hw, noiseshift=v.noiseshift, shift=v.shift,
+                                            ckpt_path=ckpt)
+                 for v in table.variants for hw in self.resolutions}  # a bad table fails before sampling
+        if not (self._fid_on(trainer) or self._structure_on(trainer)):
+            print("mrdiff: ResolutionEvaluation has nothing to measure (no FID, structure off); skipped")
+            return table
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for height, width in self.resolutions:
+                self._evaluate_resolution(trainer, pl_module, table, height, width, conds)
+        finally:
+            pl_module.train(was_training)
+        self._report(trainer, pl_module, table, stage, ckpt)
+        return table
+
+    def _evaluate_resolution(self, trainer: L.Trainer, pl_module: DiffusionModule, table: EvalTable,
+                             height: int, width: int, conds: dict[tuple[Variant, tuple[int, int]], Any],
+                             ) -> None:
+        """Reference statistics once, then every variant's fakes at one resolution."""
+        key = resolution_key(height, width)
+        metric = self._fid_metric(trainer, pl_module, height, width)
+        for variant in table.variants:
+            time_cond, desc = conds[(variant, (height, width))], f"{variant.label} {key}"
+            fakes = self._generate(trainer, pl_module, height, width, time_cond, metric, desc)
+            cell: dict[str, float] = {}
+            if metric is not None:
+                cell["fid"] = float(metric.compute())
+                metric.reset()
+            if fakes is not None:
+                score = structure_score(gather_images(fakes), reference_radii=self._reference_radii(trainer),
+                                        resolution=key).as_dict()
+                cell.update(one_sun_rate=score["one_sun_rate"], radius_error=score["radius_error"])
+                table.structure[(variant.label, key)] = score
+            table.cells[(variant.label, key)] = cell
+
+    def _fid_metric(self, trainer: L.Trainer, pl_module: DiffusionModule, height: int, width: int,
+                    ) -> FID | None:
+        """A FID metric for one resolution with its real statistics filled in (cache or data)."""
+        if not self._fid_on(trainer):
+            return None
+        if self._extractor is None:
+            self._extractor = (self.feature_extractor or inception(self.inception_weights)).eval()
+        extractor = self._extractor.to(pl_module.device)
+        metric = FID(extractor).to(pl_module.device)
+        data = trainer.datamodule
+        cache = RealStatsCache(self.cache_dir)
+        key = cache.key(data.describe(), height, width, self.num_reference, extractor_id(extractor))
+        num, batch = self.num_reference, self.batch_size
+        real_statistics(metric, lambda: data.reference_images(height, width, num, batch), cache=cache,
+                        key=key, progress=self.progress, total=math.ceil(num / batch))
+        return metric
+
+    @torch.no_grad()
+    def _generate(self, trainer: L.Trainer, pl_module: DiffusionModule, height: int, width: int,
+                  time_cond: TimeCond | None, metric: FID | None, desc: str) -> Tensor | None:
+        """This rank's fakes: FID features into `metric`; the uint8 images when structure is on."""
+        rank, world = rank_and_world()
+        seeds = list(range(self.seed, self.seed + self.num_samples))[rank::world]
+        keep = [] if self._structure_on(trainer) else None
+        for start in tqdm(range(0, len(seeds), self.batch_size), desc=f"sampling {desc}", leave=False,
+                          disable=not self.progress or rank != 0):
+            with trainer.precision_plugin.forward_context():
+                images = pl_module.sample(seeds[start:start + self.batch_size], height, width,
+                                          sampler=self.sampler, steps=self.steps, eta=self.eta,
+                                          time_cond=time_cond)
+            images = to_uint8(images)
+            if metric is not None:
+                metric.update_images(images, real=False)
+            if keep is not None:
+                keep.append(images.cpu())
+        if keep is None:
+            return None
+        return torch.cat(keep) if keep else torch.empty(0, 3, height, width, dtype=torch.uint8)
+
+    # -- switches -----------------------------------------------------------------------------------
+    def _fid_on(self, trainer: L.Trainer) -> bool:
+        """FID when asked or when weights are configured; fid=True without weights is an error."""
+        if self.fid is False:
+            return False
+        if self.feature_extractor is not None:
+            return True
+        if configured_weights(self.inception_weights) is None and not self.fid:
+            if not self._fid_skip_said and trainer.is_global_zero:
+                print("mrdiff: FID skipped: no Inception weights configured (set MRDIFF_INCEPTION_WEIGHTS or "
+                      "the evaluation callback's inception_weights)")
+            self._fid_skip_said = True
+            return False
+        require_weights(self.inception_weights)
+        return True
+
+    def _structure_on(self, trainer: L.Trainer) -> bool:
+        if self.structure is not None:
+            return self.structure
+        hparams = getattr(trainer.datamodule, "hparams", {})
+        return hparams.get("source") == "synthetic"
+
+    def _reference_radii(self, trainer: L.Trainer) -> list[float]:
+        """Ground-truth sun radii of 1000 training-distribution scenes."""
+        if self._radii is None:
+            self._radii = reference_radii(1000, seed=trainer.datamodule.hparams.get("seed", 0))
+        return self._radii
+
+    # -- output -------------------------------------------------------------------------------------
+    def _settings(self, trainer: L.Trainer, pl_module: DiffusionModule, stage: str, ckpt: str | None) -> dict:
+        data = trainer.datamodule.describe() if hasattr(trainer.datamodule, "describe") else None
+        return {"stage": stage, "checkpoint": ckpt, "global_step": trainer.global_step, "name": self.name,
+                "num_samples": self.num_samples, "num_reference": self.num_reference, "sampler": self.sampler,
+                "steps": self.steps, "eta": self.eta, "seed": self.seed, "noiseshift": self.noiseshift,
+                "world_size": rank_and_world()[1], "data": data,
+                "train_resolution": pl_module.hparams.get("train_resolution")}
+
+    def _report(self, trainer: L.Trainer, pl_module: DiffusionModule, table: EvalTable, stage: str,
+                ckpt: str | None) -> None:
+        """Scalars on every rank; files, printout, W&B table and plot on rank 0."""
+        self._log_scalars(pl_module, table, stage)
+        if not trainer.is_global_zero:
+            return
+        run_dir = run_dir_of(ckpt, trainer.default_root_dir)
+        suffix = "" if stage == "test" else f"_step{trainer.global_step}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stem = run_dir / f"eval_table{suffix}"
+        stem.with_suffix(".md").write_text(table.markdown())
+        stem.with_suffix(".csv").write_text(table.csv())
+        stem.with_suffix(".json").write_text(json.dumps(table.as_json(), indent=1))
+        print(f"mrdiff: {stage} evaluation ({self.num_samples} samples per cell) → {stem}.{{md,csv,json}}\n")
+        print(table.markdown())
+        log_table(trainer, f"{stage}/eval_table", table.columns(), table.rows())
+        plot = plot_table(table, run_dir / f"eval_plot{suffix}.png")
+        if plot is not None:
+            log_figure(trainer, f"{stage}/eval_plot", plot)
+
+    @staticmethod
+    def _log_scalars(pl_module: DiffusionModule, table: EvalTable, stage: str) -> None:
+        """`<stage>/<metric>_<res>[_<variant>]` for every finite cell (same values on every rank)."""
+        for (label, res), cell in table.cells.items():
+            slug = next(v.slug for v in table.variants if v.label == label)
+            for metric, value in cell.items():
+                if math.isfinite(value):
+                    name = f"{stage}/{metric}_{res}" + (f"_{slug}" if slug else "")
+                    pl_module.log(name, value, sync_dist=True)

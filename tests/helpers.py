@@ -1,0 +1,40 @@
+"""Callbacks the tests inject into `mrdiff fit` subprocesses (tests/ is on PYTHONPATH there)."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+
+
+class RecordBatches(L.Callback):
+    """Writes, per rank, what each training batch held and the step training started from."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict] = []
+        self.start_step = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append({"step": trainer.global_step, "sum": float(batch["image"].sum()),
+                             "scale": batch["scale"].tolist()})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        path = Path(trainer.default_root_dir) / f"batches_rank{trainer.global_rank}_{os.getpid()}.json"
+        path.write_text(json.dumps({"start_step": self.start_step, "world_size": trainer.world_size,
+                                    "batches": self.batches}))
+
+
+class SignalAt(L.Callback):
+    """Sends SIGUSR1 to this process at a step (as SLURM does before the time limit), then stops."""
+
+    def __init__(self, step: int = 3) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            trainer.should_stop = True

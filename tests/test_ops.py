@@ -1,0 +1,99 @@
+"""Scale-out and operations: DDP, SLURM requeue, exact resume, bf16 on CPU, W&B offline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mrdiff.cli import main
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_mrdiff(args, env_extra=None, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", **(env_extra or {})}
+    result = subprocess.run([sys.executable, "-m", "mrdiff", *args], env=env, capture_output=True, text=True,
+                            timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def write_config(path: Path, run_dir: Path, **overrides) -> Path:
+    path.write_text(yaml.safe_dump(tiny_config(run_dir, **overrides)))
+    return path
+
+
+def test_resume_gives_the_same_weights_and_ema_as_a_straight_run(tmp_path):
+    """4 steps straight vs 2 steps + resume to 4 (mid-epoch: 16 scenes / batch 4 = 4 batches per epoch)."""
+    straight = write_config(tmp_path / "a.yaml", tmp_path / "a", **{"trainer.max_steps": 3,
+                                                                   "trainer.val_check_interval": 1})
+    main(["fit", "--config", str(straight)])
+    first = write_config(tmp_path / "b.yaml", tmp_path / "b", **{"trainer.max_steps": 1,
+                                                                "trainer.val_check_interval": 1})
+    main(["fit", "--config", str(first)])
+    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    main(["fit", "--config", str(first), "--trainer.max_steps=3", f"--ckpt_path={ckpt}"])
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(ckpt, weights_only=False)
+    assert a["global_step"] == b["global_step"] == 3
+    for key in ("state_dict", "current_model_state"):  # EMA weights, then the raw weights
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key}/{name} differs after resume"
+
+
+def test_ddp_two_cpu_processes_see_different_data(tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", run_dir, **{"trainer.max_steps": 2})
+    run_mrdiff(["fit", "--config", str(config), "--trainer.strategy=ddp", "--trainer.devices=2",
+                "--trainer.accelerator=cpu", "--trainer.callbacks+=tests.helpers.RecordBatches"])
+    records = [json.loads(p.read_text()) for p in sorted(run_dir.glob("batches_rank*.json"))]
+    assert len(records) == 2 and all(r["world_size"] == 2 for r in records)
+    sums = [[b["sum"] for b in r["batches"]] for r in records]
+    assert len(sums[0]) == len(sums[1]) == 2 and not set(sums[0]) & set(sums[1])
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_slurm_requeue_saves_requeues_and_resumes(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mrdiff", "SLURM_NODELIST": "n1",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS_PER_NODE": "1",
+             "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "s.yaml", run_dir, **{"trainer.max_steps": 6, "trainer.val_check_interval": 100})
+    run_mrdiff(["fit", "--config", str(config), "--trainer.callbacks+=tests.helpers.SignalAt",
+                "--trainer.callbacks+=tests.helpers.RecordBatches"], slurm)
+    assert log.read_text().split() == ["requeue", "4242"]
+    hpc = list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    assert len(hpc) == 1 and torch.load(hpc[0], weights_only=False)["global_step"] == 3
+    run_mrdiff(["fit", "--config", str(config), "--trainer.callbacks+=tests.helpers.RecordBatches"], slurm)
+    starts = sorted(json.loads(p.read_text())["start_step"] for p in run_dir.glob("batches_rank0_*.json"))
+    assert starts == [0, 3]  # the requeued job picked up the HPC checkpoint by itself
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_bf16_mixed_fit_on_cpu(tiny_config_file, tmp_path):
+    main(["fit", "--config", str(tiny_config_file(**{"trainer.precision": "bf16-mixed"}))])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("MRDIFF_RUN_ID", "test-run-1")
+    config = write_config(tmp_path / "w.yaml", tmp_path / "run", **{
+        "trainer.logger": {"class_path": "mrdiff.loggers.WandbRun", "init_args": {"project": "mrdiff-test"}}})
+    main(["fit", "--config", str(config)])
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*-test-run-1"))
+    assert len(runs) == 1 and list(runs[0].glob("run-test-run-1.wandb"))
+    assert (tmp_path / "run" / "config.yaml").is_file()
