@@ -97,13 +97,15 @@ class MrdiffTrainer(Trainer):
         out_dir: str | None = None,  # default: <run dir>/samples
     ) -> list[Path]:
         """Write a PNG grid of `num_samples` samples per resolution; returns their paths."""
+        sizes = [parse_resolution(r) for r in resolutions]
+        for height, width in sizes:  # every resolution checked before any sampling starts
+            model.net.check_size(height, width)
         model = self._load_for_inference(model, ckpt_path, "sample")
         out = Path(out_dir) if out_dir else run_dir_of(ckpt_path, self.default_root_dir) / "samples"
         out.mkdir(parents=True, exist_ok=True)
         seeds = list(range(seed, seed + num_samples))
         paths = []
-        for res in resolutions:
-            height, width = parse_resolution(res)
+        for height, width in sizes:
             time_cond = time_conditioning(model, height, width, noiseshift=noiseshift, shift=shift,
                                           ckpt_path=ckpt_path)
             images = model.sample(seeds, height, width, sampler=sampler, steps=steps, eta=eta,
@@ -135,11 +137,14 @@ class MrdiffTrainer(Trainer):
         """Calibrate NoiseShift tables for a trained model at the given resolutions."""
         from mrdiff.callbacks.noiseshift import calibrate_model, plot_table, sampler_timesteps
 
+        sizes = [parse_resolution(r) for r in resolutions]
+        for height, width in sizes:
+            model.net.check_size(height, width)
         model = self._load_for_inference(model, ckpt_path, "calibrate")
         settings = SearchSettings(coarse_window=coarse_window, coarse_stride=coarse_stride, fine_window=fine_window,
                                   fine_stride=fine_stride, num_images=num_images, max_batch=max_batch)
         timesteps = sampler_timesteps(model.schedule.num_timesteps, sampler, steps)
-        table = calibrate_model(model, datamodule, [parse_resolution(r) for r in resolutions], timesteps, settings,
+        table = calibrate_model(model, datamodule, sizes, timesteps, settings,
                                 checkpoint=checkpoint_hash(ckpt_path))
         path = Path(out) if out else run_dir_of(ckpt_path, self.default_root_dir) / "noiseshift.json"
         if path.exists():

@@ -69,6 +69,15 @@ class DiffusionModule(L.LightningModule):
         eps = self(x_t, t.float(), batch.get("grid"), batch.get("scale"))
         return F.mse_loss(eps.float(), noise.float())
 
+    def setup(self, stage: str) -> None:
+        """Fail before training if the data's inputs cannot go through this U-Net."""
+        side = self.hparams.train_resolution
+        try:
+            self.net.check_size(side, side)
+        except ValueError as error:
+            raise ValueError(f"training inputs are {side}x{side} (data.patch_size, or data.train_size in fixed "
+                             f"mode): {error}") from None
+
     def on_fit_start(self) -> None:
         self._base_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
 

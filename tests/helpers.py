@@ -38,3 +38,14 @@ class SignalAt(L.Callback):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGUSR1)
             trainer.should_stop = True
+
+
+class PoisonBatch(L.Callback):
+    """Puts a NaN into the training batch at one step (a corrupt sample, an overflow)."""
+
+    def __init__(self, step: int = 2) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            batch["image"][0, 0, 0, 0] = float("nan")

@@ -66,6 +66,11 @@ class MultiResDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        for name in ("image_size", "batch_size", "num_val", "num_scenes"):
+            if getattr(self.hparams, name) <= 0:
+                raise ValueError(f"data.{name} must be positive, got {getattr(self.hparams, name)}")
+        if train_size is not None and train_size <= 0:
+            raise ValueError(f"data.train_size must be positive, got {train_size}")
         self.sampler = PatchSampler(s_min, s_max, patch_size, p_min, coord_mode) if multires else None
         if multires and image_size < s_max and source != "synthetic":
             raise ValueError(f"image_size {image_size} < s_max {s_max}: images would be upscaled to s_max; "

@@ -1,0 +1,158 @@
+"""Bad input gets a clear error that names the problem and the fix, and nothing is lost."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mrdiff.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint
+from mrdiff.cli import main
+from mrdiff.data.datamodule import MultiResDataModule
+from mrdiff.data.images import ImageFolder, load_image
+from mrdiff.module import NonFiniteLossError
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+def good_image(path, size=(48, 40), mode="RGB"):
+    colours = {"L": 120, "P": 120, "LA": (120, 200), "RGBA": (200, 30, 60, 128), "CMYK": (10, 200, 30, 0)}
+    Image.new(mode, size, colours.get(mode, (200, 30, 60))).save(path)
+
+
+def test_corrupt_and_truncated_images_are_listed_or_skipped_with_a_count(tmp_path, capsys):
+    for i in range(4):
+        good_image(tmp_path / f"ok{i}.png")
+    (tmp_path / "garbage.jpg").write_bytes(b"definitely not a jpeg")
+    whole = (tmp_path / "ok0.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"2 of 6 images .* cannot be read") as info:
+        ImageFolder(tmp_path, size=32)
+    assert "garbage.jpg" in str(info.value) and "truncated.png" in str(info.value)
+    assert "data.on_corrupt=skip" in str(info.value)
+    dataset = ImageFolder(tmp_path, size=32, on_corrupt="skip")
+    assert len(dataset) == 4 and dataset.skipped == 2
+    assert "skipping 2 unreadable image(s) of 6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
+def test_every_image_mode_becomes_rgb(tmp_path, mode):
+    path = tmp_path / ("x.png" if mode != "CMYK" else "x.jpg")
+    if mode == "I;16":
+        Image.fromarray(np.full((40, 48), 40000, dtype=np.uint16)).save(path)
+    else:
+        good_image(path, mode=mode)
+    x = load_image(path, 32)
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    if mode == "I;16":  # 40000/65535 of full scale, not clipped to white
+        assert x.mean().item() == pytest.approx(40000 / 65535 * 2 - 1, abs=0.02)
+
+
+def test_small_images_fail_clearly_or_are_upscaled(tmp_path):
+    good_image(tmp_path / "tiny.png", size=(20, 20))
+    with pytest.raises(ValueError, match=r"20x20 pixels, smaller than the 32 .* data.upscale_small=true"):
+        load_image(tmp_path / "tiny.png", 32)
+    assert load_image(tmp_path / "tiny.png", 32, upscale=True).shape == (3, 32, 32)
+
+
+def test_empty_folder_and_wrong_path(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images .* under .*check data.root"):
+        ImageFolder(tmp_path, size=32)
+    with pytest.raises(FileNotFoundError, match="does not exist .*check data.root"):
+        ImageFolder(tmp_path / "missing", size=32)
+    with pytest.raises(FileNotFoundError, match="CelebA not found: expected .*img_align_celeba"):
+        MultiResDataModule(source="celeba", root=str(tmp_path), image_size=128, s_min=64, s_max=128,
+                           patch_size=64).setup()
+
+
+# -- configuration --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("--data.patch_size=48", "patch_size <= s_min <= s_max"),
+    ("--data.s_min=40", "patch_size <= s_min <= s_max"),
+    ("--data.batch_size=0", "data.batch_size must be positive"),
+    ("--model.net.init_args.attention_levels=[5]", r"attention_levels \[5\] do not exist"),
+    ("--data.patch_size=15", "not divisible by the U-Net's downsampling factor"),
+])
+def test_impossible_settings_fail_before_training(tiny_config_file, override, message):
+    config = tiny_config_file(**{"data.s_min": 16 if "15" not in override else 15})
+    with pytest.raises((ValueError, SystemExit)) as info:
+        main(["fit", "--config", str(config), override])
+    if info.type is SystemExit:
+        pytest.fail(f"expected a ValueError naming the problem, got SystemExit for {override}")
+    assert info.match(message)
+
+
+def test_sampling_resolution_not_divisible_is_refused_before_sampling(tiny_config_file, tmp_path):
+    config = tiny_config_file()
+    main(["fit", "--config", str(config)])
+    with pytest.raises(ValueError, match=r"resolution 25x25 is not divisible .* factor 2"):
+        main(["sample", "--config", str(config), f"--ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}",
+              "--resolutions=[16,25]"])
+
+
+def test_unknown_keys_and_wrong_types_name_the_key(tiny_config_file, capsys):
+    config = tiny_config_file()
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--model.learning_rate=1"])
+    assert "learning_rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--data.batch_size=many"])
+    assert "batch_size" in capsys.readouterr().err
+
+
+# -- training -------------------------------------------------------------------------------------------
+
+
+def test_nonfinite_loss_stops_with_step_and_cause_and_keeps_the_checkpoint(tiny_config_file, tmp_path):
+    config = tiny_config_file(**{"trainer.val_check_interval": 1})
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 2; the input batch has NaN/inf"):
+        main(["fit", "--config", str(config), "--trainer.callbacks+=tests.helpers.PoisonBatch"])
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(tiny_config_file, tmp_path, capsys):
+    config = tiny_config_file(**{"model.nonfinite_loss": "skip"})
+    main(["fit", "--config", str(config), "--trainer.callbacks+=tests.helpers.PoisonBatch"])
+    assert "1 skipped so far" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_truncated_foreign_and_missing_checkpoints_are_clear_errors(tiny_config_file, tmp_path):
+    config = tiny_config_file()
+    main(["fit", "--config", str(config)])
+    good = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good[: len(good) // 3])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.ones(2)}, foreign)
+    cases = [(truncated, "truncated or corrupt"), (foreign, "not a Lightning checkpoint"),
+             (tmp_path / "nope.ckpt", "does not exist")]
+    for path, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            main(["sample", "--config", str(config), f"--ckpt_path={path}", "--resolutions=[16]"])
+    other = tiny_config_file(**{"model.net.init_args.base_channels": 8})
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        main(["sample", "--config", str(other), f"--ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}"])
