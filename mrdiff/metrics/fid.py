@@ -226,7 +226,7 @@ class FID(FrechetInceptionDistance):
             self._sqrt_real = (signature, psd_sqrt(cov_real))
         trace_sqrt = trace_sqrt_product(self._sqrt_real[1], cov_fake)
         fid = (mean_real - mean_fake).square().sum() + cov_real.trace() + cov_fake.trace() - 2 * trace_sqrt
-        return fid.float()
+        return fid
 
     def real_stats(self) -> FeatureStats:
         """The real statistics summed over all ranks (a collective call under DDP)."""

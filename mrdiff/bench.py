@@ -1,0 +1,250 @@
+"""`make bench`: training and sampling throughput, measured as ratios within one run.
+
+    python -m mrdiff.bench [--preset cpu|celeba] [--repeats 5] [--compile] [--out bench.json]
+
+Rows are timed round-robin (every configuration once per repeat, the median kept) so that a noisy,
+shared machine slows all of them alike; the ratios between rows are the figures to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mrdiff.diffusion.noiseshift import SearchSettings, calibrate
+from mrdiff.diffusion.samplers import ddim_sample
+from mrdiff.diffusion.schedule import NoiseSchedule
+from mrdiff.nn.coords import canvas_grid, crop_grid
+from mrdiff.nn.unet import UNet
+
+PRESETS = {  # U-Net shapes: "cpu" is small enough for a 2-core machine, "celeba" is configs/celeba.yaml
+    "cpu": {"base_channels": 64, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2, "attention_levels": (2,),
+            "patch": 32, "batch": 16, "resolutions": (32, 48, 64), "sample_batch": 4},
+    "celeba": {"base_channels": 128, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2, "attention_levels": (2,),
+               "patch": 64, "batch": 64, "resolutions": (64, 96, 128), "sample_batch": 64},
+}
+MULTIRES = {"coord_frequencies": 6, "coord_max_frequency": 16.0, "safa_levels": (2, 3), "safa_kernels": 4}
+
+
+@dataclass
+class Row:
+    name: str
+    step: Callable[[], None]
+    images: int  # images per call of step
+    seconds: list[float]
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / statistics.median(self.seconds)
+
+
+def unet_kwargs(preset: dict, multires: bool) -> dict:
+    keys = ("base_channels", "channel_mult", "num_res_blocks", "attention_levels")
+    return {k: preset[k] for k in keys} | {"dropout": 0.0} | (MULTIRES if multires else {})
+
+
+def diffusers_unet(preset: dict) -> torch.nn.Module:
+    """diffusers' UNet2DModel at the matched configuration (channels, levels, blocks, attention)."""
+    from diffusers import UNet2DModel
+
+    levels = len(preset["channel_mult"])
+    attn = set(preset["attention_levels"])
+    down = tuple("AttnDownBlock2D" if lv in attn else "DownBlock2D" for lv in range(levels))
+    up = tuple("AttnUpBlock2D" if lv in attn else "UpBlock2D" for lv in reversed(range(levels)))
+    return UNet2DModel(block_out_channels=tuple(preset["base_channels"] * m for m in preset["channel_mult"]),
+                       layers_per_block=preset["num_res_blocks"], down_block_types=down, up_block_types=up,
+                       attention_head_dim=64, norm_num_groups=32)
+
+
+def train_step(net: torch.nn.Module, inputs: dict, *, bf16: bool, device: torch.device,
+               diffusers: bool = False, channels_last: bool = False) -> Callable[[], None]:
+    """One forward + backward + AdamW step of L_simple on fixed inputs."""
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+    x0 = inputs["image"]
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def step() -> None:
+        t = torch.randint(0, 1000, (x0.shape[0],), device=device)
+        noise = torch.randn_like(x0)
+        with autocast:
+            if diffusers:
+                eps = net(x0 + noise, t).sample
+            else:
+                eps = net(x0 + noise, t.float(), inputs.get("grid"), inputs.get("scale"))
+            loss = F.mse_loss(eps.float(), noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def batch_inputs(preset: dict, device: torch.device, scale_mode: str) -> dict:
+    """A batch of patches with grids and scales (per sample, or one shared scale)."""
+    b, p = preset["batch"], preset["patch"]
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.randint(p, 2 * p + 1, (b,), generator=gen)
+    grids = torch.stack([crop_grid(int(s), int(s), 0, 0, p, p) for s in scales])
+    scale = scales.float()[:1] if scale_mode == "shared" else scales.float()
+    return {"image": torch.randn(b, 3, p, p, generator=gen).to(device), "grid": grids.to(device),
+            "scale": scale.to(device)}
+
+
+def training_rows(preset: dict, device: torch.device, compile: bool) -> list[Row]:
+    rows = []
+    for bf16 in (False, True):
+        tag = "bf16" if bf16 else "fp32"
+        for name, multires, scale_mode in (("fixed U-Net", False, "shared"), ("multi-res, per-sample scales", True,
+                                           "sample"), ("multi-res, per-batch scale", True, "shared")):
+            torch.manual_seed(0)
+            net = UNet(**unet_kwargs(preset, multires)).to(device)
+            inputs = batch_inputs(preset, device, scale_mode)
+            rows.append(Row(f"train {name} {tag}", train_step(net, inputs, bf16=bf16, device=device),
+                            preset["batch"], []))
+        shared = batch_inputs(preset, device, "shared")
+        plain = UNet(**unet_kwargs(preset, False)).to(device)
+        rows.append(Row(f"train fixed U-Net {tag} channels_last",
+                        train_step(plain, shared, bf16=bf16, device=device, channels_last=True), preset["batch"], []))
+        try:
+            ref = diffusers_unet(preset).to(device)
+            rows.append(Row(f"train diffusers UNet2DModel {tag}",
+                            train_step(ref, shared, bf16=bf16, device=device, diffusers=True), preset["batch"], []))
+        except ImportError:
+            print("mrdiff.bench: diffusers not installed (pip install -e '.[bench]'): no reference rows")
+        if compile:
+            net = torch.compile(UNet(**unet_kwargs(preset, True)).to(device))
+            rows.append(Row(f"train multi-res, per-sample scales {tag} compiled",
+                            train_step(net, batch_inputs(preset, device, "sample"), bf16=bf16, device=device),
+                            preset["batch"], []))
+    return rows
+
+
+def sampling_rows(preset: dict, device: torch.device) -> list[Row]:
+    """DDIM-50 images/s per resolution with the multi-resolution U-Net in bf16."""
+    net = UNet(**unet_kwargs(preset, True)).to(device).eval()
+    schedule, rows, n = NoiseSchedule(), [], preset["sample_batch"]
+    for res in preset["resolutions"]:
+        grid, scale = canvas_grid(res, res)[None].to(device), torch.tensor([float(res)], device=device)
+
+        def run(res: int = res, grid: torch.Tensor = grid, scale: torch.Tensor = scale) -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
+                ddim_sample(lambda x, t: net(x, t, grid, scale).float(), schedule,
+                            torch.randn(n, 3, res, res, device=device), steps=50)
+
+        rows.append(Row(f"sample DDIM-50 at {res}² bf16", run, n, []))
+    return rows
+
+
+def calibration_seconds(preset: dict, device: torch.device) -> dict[str, float]:
+    """NoiseShift calibration (50 DDIM timesteps, 64 images, default search) seconds per resolution."""
+    net = UNet(**unet_kwargs(preset, True)).to(device).eval()
+    schedule, out = NoiseSchedule(), {}
+    timesteps = [int(round(v)) for v in torch.linspace(999, 0, 50).tolist()]
+    for res in preset["resolutions"]:
+        grid, scale = canvas_grid(res, res)[None].to(device), torch.tensor([float(res)], device=device)
+
+        def eps(x: torch.Tensor, t: torch.Tensor, grid: torch.Tensor = grid, scale: torch.Tensor = scale):
+            with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
+                return net(x, t, grid, scale).float()
+
+        images = torch.rand(64, 3, res, res, device=device) * 2 - 1
+        start = time.perf_counter()
+        calibrate(eps, schedule, images, timesteps, SearchSettings(num_images=64), progress=False)
+        out[str(res)] = time.perf_counter() - start
+    return out
+
+
+def measure(rows: list[Row], repeats: int, device: torch.device) -> None:
+    """Round-robin timing: one warm-up call each, then `repeats` rounds over all rows."""
+    for row in rows:
+        row.step()
+    for _ in range(repeats):
+        for row in rows:
+            sync(device)
+            start = time.perf_counter()
+            row.step()
+            sync(device)
+            row.seconds.append(time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ratio(rows: dict[str, Row], a: str, b: str) -> float | None:
+    return rows[a].images_per_s / rows[b].images_per_s if a in rows and b in rows else None
+
+
+def report(rows: list[Row], calib: dict[str, float], meta: dict) -> dict:
+    by_name = {r.name: r for r in rows}
+    print(f"\nmrdiff bench — {meta['device']}, preset {meta['preset']}, median of {meta['repeats']} rounds")
+    print(f"{'row':<52} {'images/s':>10} {'s/call':>9}")
+    for r in rows:
+        print(f"{r.name:<52} {r.images_per_s:>10.2f} {statistics.median(r.seconds):>9.3f}")
+    ratios = {
+        "fixed / diffusers (fp32)": ratio(by_name, "train fixed U-Net fp32", "train diffusers UNet2DModel fp32"),
+        "fixed / diffusers (bf16)": ratio(by_name, "train fixed U-Net bf16", "train diffusers UNet2DModel bf16"),
+        "multi-res per-sample cost over fixed (bf16)": _cost(by_name, "bf16", "per-sample scales"),
+        "multi-res per-batch cost over fixed (bf16)": _cost(by_name, "bf16", "per-batch scale"),
+        "multi-res per-sample cost over fixed (fp32)": _cost(by_name, "fp32", "per-sample scales"),
+        "bf16 / fp32 (fixed)": ratio(by_name, "train fixed U-Net bf16", "train fixed U-Net fp32"),
+        "bf16 / fp32 (multi-res)": ratio(by_name, "train multi-res, per-sample scales bf16",
+                                          "train multi-res, per-sample scales fp32"),
+        "channels_last / default (fixed, bf16)": ratio(by_name, "train fixed U-Net bf16 channels_last",
+                                                       "train fixed U-Net bf16"),
+    }
+    print("\nratios")
+    for key, value in ratios.items():
+        if value is not None:
+            print(f"  {key:<50} {value:6.2f}" + ("" if "cost" not in key else f"  ({(value - 1) * 100:+.0f}%)"))
+    print("\nNoiseShift calibration (50 timesteps, 64 images), seconds per resolution")
+    for res, seconds in calib.items():
+        print(f"  {res}²: {seconds:.1f} s")
+    return {"meta": meta, "rows": {r.name: {"images_per_s": r.images_per_s, "seconds": r.seconds} for r in rows},
+            "ratios": ratios, "calibration_seconds": calib}
+
+
+def _cost(rows: dict[str, Row], tag: str, variant: str) -> float | None:
+    """Time per image of the multi-resolution U-Net relative to the fixed one (1.10 = 10% slower)."""
+    value = ratio(rows, f"train fixed U-Net {tag}", f"train multi-res, {variant} {tag}")
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: celeba on GPU, cpu on CPU")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    parser.add_argument("--skip-calibration", action="store_true")
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset_name = args.preset or ("celeba" if device.type == "cuda" else "cpu")
+    preset = PRESETS[preset_name]
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+    rows = training_rows(preset, device, args.compile) + sampling_rows(preset, device)
+    measure(rows, args.repeats, device)
+    calib = {} if args.skip_calibration else calibration_seconds(preset, device)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()}",
+            "preset": preset_name, "repeats": args.repeats, "torch": torch.__version__}
+    result = report(rows, calib, meta)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nmrdiff.bench: wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

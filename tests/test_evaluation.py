@@ -1,0 +1,167 @@
+"""`mrdiff test` with ResolutionEvaluation (table, NoiseShift row, DDP = single process) and SampleGrid."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mrdiff.cli import MrdiffCLI, main
+from mrdiff.metrics.fid import WEIGHTS_ENV, InceptionWeightsError
+from mrdiff.metrics.structure import reference_radii, structure_score
+from tests.conftest import ROOT, tiny_config
+
+EVALUATION = "mrdiff.callbacks.evaluation.ResolutionEvaluation"
+MOCK_FEATURES = '''
+import torch
+from torch import nn
+
+
+class ColourFeatures(nn.Module):
+    """Per-channel mean and std, and the mean of the top and bottom halves: 12 features in [0, 1]."""
+
+    num_features = 12
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255
+        half = x.shape[-2] // 2
+        parts = [x.mean((2, 3)), x.std((2, 3)), x[..., :half, :].mean((2, 3)), x[..., half:, :].mean((2, 3))]
+        return torch.cat(parts, dim=1)
+'''
+
+
+def write_config(path: Path, run_dir: Path, *callbacks: dict) -> Path:
+    """The tiny config with extra callbacks after EMA and checkpointing."""
+    config = tiny_config(run_dir)
+    config["trainer"]["callbacks"] += list(callbacks)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def evaluation(**init_args) -> dict:
+    args = {"resolutions": [16, 24], "num_samples": 4, "steps": 3, "batch_size": 4, "progress": False,
+            **init_args}
+    return {"class_path": EVALUATION, "init_args": args}
+
+
+def copy_checkpoint(ckpt: Path, run_dir: Path) -> Path:
+    """The checkpoint under a fresh run directory (<run>/checkpoints/last.ckpt), so outputs do not mix."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    return Path(shutil.copy(ckpt, run_dir / "checkpoints" / "last.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A 4-step fit with sample grids every 2 steps and an in-fit evaluation every epoch: (run dir, ckpt)."""
+    tmp = tmp_path_factory.mktemp("fit")
+    grid = {"class_path": "mrdiff.callbacks.sample_grid.SampleGrid",
+            "init_args": {"resolutions": [16, "16x24"], "num_samples": 4, "every_n_steps": 2, "steps": 2}}
+    during_fit = evaluation(resolutions=[16], num_samples=2, steps=2, fid=False, every_n_epochs=1)
+    config = write_config(tmp / "fit.yaml", tmp / "run", grid, during_fit)
+    main(["fit", "--config", str(config)])
+    return tmp / "run", tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+def test_sample_grid_writes_a_png_per_resolution_at_the_configured_steps(trained):
+    run_dir, _ = trained
+    names = sorted(p.name for p in (run_dir / "samples").iterdir())
+    assert names == ["step_2_16.png", "step_2_16x24.png", "step_4_16.png", "step_4_16x24.png"]
+    for step in (2, 4):
+        with Image.open(run_dir / "samples" / f"step_{step}_16x24.png") as grid:
+            assert grid.size == (2 * 24 + 6, 2 * 16 + 6)  # 2x2 grid of 16x24 samples, 2-pixel padding
+    assert (run_dir / "eval_table_step3.json").is_file()  # the in-fit evaluation after epoch 1 (3 steps)
+
+
+def load_model(config: Path, ckpt: Path):
+    from mrdiff.checkpoint import load_weights
+
+    cli = MrdiffCLI(args=["--config", str(config)], run=False)
+    load_weights(cli.model, str(ckpt))
+    return cli.model.eval(), cli.datamodule
+
+
+def test_mrdiff_test_prints_and_writes_the_table(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    _, ckpt = trained
+    ckpt = copy_checkpoint(ckpt, tmp_path / "run")
+    config = write_config(tmp_path / "test.yaml", tmp_path / "other", evaluation(analytic_shift=True))
+    cli = MrdiffCLI(args=["test", "--config", str(config), f"--ckpt_path={ckpt}"])
+    out = capsys.readouterr().out
+    assert "FID skipped" in out and "| mrdiff + analytic shift |" in out and "one-sun rate" in out
+    table = json.loads((tmp_path / "run" / "eval_table.json").read_text())  # the checkpoint's run dir
+    assert table["columns"] == ["16", "24"] and table["metrics"] == ["one_sun_rate", "radius_error"]
+    assert [row["variant"] for row in table["rows"]] == ["mrdiff", "mrdiff + analytic shift"]
+    assert {p.name for p in (tmp_path / "run").glob("eval_*")} >= {"eval_table.md", "eval_table.csv",
+                                                                    "eval_plot.png"}
+    # the cell is the structure score of seeds 0..3 sampled from the checkpoint
+    model, data = load_model(config, ckpt)
+    images = model.sample([0, 1, 2, 3], 24, 24, steps=3)
+    radii = reference_radii(1000, data.hparams.seed)
+    expected = structure_score(images, reference_radii=radii, resolution="24")
+    cell = table["rows"][0]["cells"]["24"]
+    assert cell["one_sun_rate"] == pytest.approx(expected.one_sun_rate)
+    assert cell["structure"]["mean_num_suns"] == pytest.approx(expected.mean_num_suns)
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["test/one_sun_rate_24"]) == pytest.approx(expected.one_sun_rate)
+    logged = "test/radius_error_16_analytic" in metrics
+    assert logged or table["rows"][1]["cells"]["16"]["radius_error"] is None  # nan (no sun found) is not logged
+
+
+def test_a_noiseshift_table_adds_a_row(trained, tmp_path):
+    _, ckpt = trained
+    ckpt = copy_checkpoint(ckpt, tmp_path / "run")
+    config = write_config(tmp_path / "fit.yaml", tmp_path / "run")
+    main(["calibrate", "--config", str(config), f"--ckpt_path={ckpt}", "--resolutions=[16,24]", "--steps=5",
+          "--num_images=4", "--coarse_stride=0.02", "--fine_stride=0.005"])
+    table_path = tmp_path / "run" / "noiseshift.json"
+    config = write_config(tmp_path / "test.yaml", tmp_path / "run",
+                          evaluation(noiseshift=str(table_path), steps=5, fid=False))
+    main(["test", "--config", str(config), f"--ckpt_path={ckpt}"])
+    table = json.loads((tmp_path / "run" / "eval_table.json").read_text())
+    assert [row["variant"] for row in table["rows"]] == ["mrdiff", "mrdiff + NoiseShift"]
+    assert table["columns"] == ["16", "24"] and table["settings"]["noiseshift"] == str(table_path)
+    assert all(0 <= row["cells"][r]["one_sun_rate"] <= 1 for row in table["rows"] for r in ("16", "24"))
+
+
+def test_fid_on_without_weights_fails_before_sampling(trained, tmp_path, monkeypatch):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    config = write_config(tmp_path / "test.yaml", tmp_path / "run", evaluation(fid=True))
+    with pytest.raises(InceptionWeightsError, match=WEIGHTS_ENV):
+        main(["test", "--config", str(config), f"--ckpt_path={trained[1]}"])
+    assert not list(tmp_path.rglob("eval_table*"))
+
+
+def test_two_process_ddp_gives_the_single_process_numbers(trained, tmp_path, monkeypatch):
+    (tmp_path / "mock_features.py").write_text(MOCK_FEATURES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    results = {}
+    for world in (1, 2):
+        ckpt = copy_checkpoint(trained[1], tmp_path / f"run{world}")
+        callback = evaluation(resolutions=[16], num_samples=6, batch_size=2, steps=2,
+                              cache_dir=str(tmp_path / f"cache{world}"),
+                              feature_extractor={"class_path": "mock_features.ColourFeatures"})
+        config = write_config(tmp_path / f"test{world}.yaml", tmp_path / f"run{world}", callback)
+        args = ["test", "--config", str(config), f"--ckpt_path={ckpt}"]
+        if world == 1:
+            main(args)
+        else:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+            ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+            subprocess.run([sys.executable, "-m", "mrdiff", *args, *ddp], env=env, cwd=tmp_path, check=True,
+                           timeout=300)
+        results[world] = json.loads((tmp_path / f"run{world}" / "eval_table.json").read_text())
+    assert results[2]["settings"]["world_size"] == 2
+    single, ddp = (results[w]["rows"][0]["cells"]["16"] for w in (1, 2))
+    assert single["fid"] > 0 and ddp["fid"] == pytest.approx(single["fid"], rel=1e-4)
+    assert ddp["structure"]["num_images"] == 6
+    assert ddp["one_sun_rate"] == single["one_sun_rate"]
+    assert ddp["structure"]["mean_num_suns"] == single["structure"]["mean_num_suns"]
+    assert torch.isfinite(torch.tensor(single["fid"]))
