@@ -27,9 +27,14 @@ from mrdiff.nn.unet import UNet
 
 PRESETS = {  # U-Net shapes: "cpu" is small enough for a 2-core machine, "celeba" is configs/celeba.yaml
     "cpu": {"base_channels": 64, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2, "attention_levels": (2,),
-            "patch": 32, "batch": 16, "resolutions": (32, 48, 64), "sample_batch": 4},
+            "patch": 32, "batch": 16, "resolutions": (32, 48, 64), "sample_batch": 2,
+            # calibration timed on the quickstart U-Net (configs/quickstart.yaml) with 16 images
+            "calibration": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
+                            "attention_levels": (2,), "safa_levels": (1, 2), "coord_frequencies": 4,
+                            "images": 16}},
     "celeba": {"base_channels": 128, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2, "attention_levels": (2,),
-               "patch": 64, "batch": 64, "resolutions": (64, 96, 128), "sample_batch": 64},
+               "patch": 64, "batch": 64, "resolutions": (64, 96, 128), "sample_batch": 64,
+            "calibration": {"images": 64}},
 }
 MULTIRES = {"coord_frequencies": 6, "coord_max_frequency": 16.0, "safa_levels": (2, 3), "safa_kernels": 4}
 
@@ -147,8 +152,10 @@ def sampling_rows(preset: dict, device: torch.device) -> list[Row]:
 
 
 def calibration_seconds(preset: dict, device: torch.device) -> dict[str, float]:
-    """NoiseShift calibration (50 DDIM timesteps, 64 images, default search) seconds per resolution."""
-    net = UNet(**unet_kwargs(preset, True)).to(device).eval()
+    """NoiseShift calibration (50 DDIM timesteps, default search windows) seconds per resolution."""
+    settings = dict(preset["calibration"])
+    num_images = settings.pop("images")
+    net = UNet(**(unet_kwargs(preset, True) | settings)).to(device).eval()
     schedule, out = NoiseSchedule(), {}
     timesteps = [int(round(v)) for v in torch.linspace(999, 0, 50).tolist()]
     for res in preset["resolutions"]:
@@ -158,9 +165,9 @@ def calibration_seconds(preset: dict, device: torch.device) -> dict[str, float]:
             with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
                 return net(x, t, grid, scale).float()
 
-        images = torch.rand(64, 3, res, res, device=device) * 2 - 1
+        images = torch.rand(num_images, 3, res, res, device=device) * 2 - 1
         start = time.perf_counter()
-        calibrate(eps, schedule, images, timesteps, SearchSettings(num_images=64), progress=False)
+        calibrate(eps, schedule, images, timesteps, SearchSettings(num_images=num_images), progress=False)
         out[str(res)] = time.perf_counter() - start
     return out
 
@@ -187,7 +194,7 @@ def ratio(rows: dict[str, Row], a: str, b: str) -> float | None:
     return rows[a].images_per_s / rows[b].images_per_s if a in rows and b in rows else None
 
 
-def report(rows: list[Row], calib: dict[str, float], meta: dict) -> dict:
+def report(rows: list[Row], meta: dict) -> dict:
     by_name = {r.name: r for r in rows}
     print(f"\nmrdiff bench — {meta['device']}, preset {meta['preset']}, median of {meta['repeats']} rounds")
     print(f"{'row':<52} {'images/s':>10} {'s/call':>9}")
@@ -209,11 +216,8 @@ def report(rows: list[Row], calib: dict[str, float], meta: dict) -> dict:
     for key, value in ratios.items():
         if value is not None:
             print(f"  {key:<50} {value:6.2f}" + ("" if "cost" not in key else f"  ({(value - 1) * 100:+.0f}%)"))
-    print("\nNoiseShift calibration (50 timesteps, 64 images), seconds per resolution")
-    for res, seconds in calib.items():
-        print(f"  {res}²: {seconds:.1f} s")
     return {"meta": meta, "rows": {r.name: {"images_per_s": r.images_per_s, "seconds": r.seconds} for r in rows},
-            "ratios": ratios, "calibration_seconds": calib}
+            "ratios": ratios}
 
 
 def _cost(rows: dict[str, Row], tag: str, variant: str) -> float | None:
@@ -237,10 +241,15 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")
     rows = training_rows(preset, device, args.compile) + sampling_rows(preset, device)
     measure(rows, args.repeats, device)
-    calib = {} if args.skip_calibration else calibration_seconds(preset, device)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()}",
-            "preset": preset_name, "repeats": args.repeats, "torch": torch.__version__}
-    result = report(rows, calib, meta)
+            "preset": preset_name, "repeats": args.repeats, "torch": torch.__version__,
+            "calibration_images": preset["calibration"]["images"]}
+    result = report(rows, meta)
+    if not args.skip_calibration:
+        result["calibration_seconds"] = calibration_seconds(preset, device)
+        print(f"\nNoiseShift calibration (50 DDIM timesteps, {meta['calibration_images']} images), seconds per resolution")
+        for res, seconds in result["calibration_seconds"].items():
+            print(f"  {res}²: {seconds:.1f} s")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nmrdiff.bench: wrote {args.out}")

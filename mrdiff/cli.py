@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,52 +13,10 @@ from torchvision.utils import save_image
 
 from mrdiff.checkpoint import AtomicCheckpointIO, load_checkpoint, load_weights
 from mrdiff.data.datamodule import MultiResDataModule
-from mrdiff.diffusion.noiseshift import AnalyticShift, NoiseShiftTable, SearchSettings, checkpoint_hash
-from mrdiff.diffusion.samplers import TimeCond
+from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, checkpoint_hash
+from mrdiff.inference import Resolution, parse_resolution, resolution_key, run_dir_of, time_conditioning
 from mrdiff.loggers import SaveConfig, WandbRun
 from mrdiff.module import DiffusionModule
-
-Resolution = int | str
-
-
-def parse_resolution(value: Resolution) -> tuple[int, int]:
-    """64 → (64, 64); "96x128" → (96, 128) as height × width."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", str(value))
-    if not match:
-        raise ValueError(f"resolution {value!r} is neither N nor HxW (e.g. 64 or 96x128)")
-    height = int(match.group(1))
-    width = int(match.group(2) or height)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"resolution {value!r} must be positive")
-    return height, width
-
-
-def resolution_key(height: int, width: int) -> str:
-    return str(height) if height == width else f"{height}x{width}"
-
-
-def run_dir_of(ckpt_path: str | None, fallback: str) -> Path:
-    """The run directory a checkpoint belongs to (<run>/checkpoints/x.ckpt → <run>)."""
-    if ckpt_path:
-        path = Path(ckpt_path).resolve()
-        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return Path(fallback)
-
-
-def time_conditioning(
-    model: DiffusionModule, height: int, width: int, *, noiseshift: str | None, shift: str, ckpt_path: str | None,
-) -> TimeCond | None:
-    """What the sampler feeds the network instead of t: a NoiseShift table, the analytic shift, or t itself."""
-    if noiseshift and shift != "none":
-        raise ValueError("give either --noiseshift (a calibrated table) or --shift analytic, not both")
-    if noiseshift:
-        table = NoiseShiftTable.load(noiseshift, schedule=model.schedule,
-                                     checkpoint=checkpoint_hash(ckpt_path) if ckpt_path else None)
-        return table.time_cond(height, width)
-    if shift == "analytic":
-        return AnalyticShift(model.schedule, train_pixels=model.hparams.train_resolution**2,
-                             sample_pixels=height * width)
-    return None
 
 
 class MrdiffTrainer(Trainer):

@@ -51,14 +51,15 @@ class DiffusionModule(L.LightningModule):
                                       beta_start=beta_start, beta_end=beta_end)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self._forward_net = torch.compile(self.net, dynamic=True) if compile else self.net
+        if compile:  # in place: parameter names (and so checkpoints) stay those of the plain U-Net
+            self.net.compile(dynamic=True)
         self.skipped_steps = 0
 
     # -- training ------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, grid: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._forward_net(x, t, grid, scale)
+        return self.net(x, t, grid, scale)
 
     def diffusion_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """L_simple = E‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², t ~ U{0, …, T−1} (DDPM eq. 14)."""
@@ -94,7 +95,8 @@ class DiffusionModule(L.LightningModule):
 
     def _nonfinite(self, loss: Tensor, batch: dict[str, Tensor]) -> None:
         inputs_ok = bool(torch.isfinite(batch["image"]).all())
-        what = f"loss is {loss.item()} at step {self.global_step}" + ("" if inputs_ok else "; the input batch has NaN/inf")
+        what = f"loss is {loss.item()} at step {self.global_step}"
+        what += "" if inputs_ok else "; the input batch has NaN/inf"
         if self.hparams.nonfinite_loss == "error":
             raise NonFiniteLossError(
                 f"{what}. The last saved checkpoint is intact. Lower model.lr, add trainer.gradient_clip_val, "
@@ -118,7 +120,7 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        fused = self.device.type == "cuda"
+        fused = self.device.type in ("cuda", "cpu")  # one kernel for the whole update
         opt = torch.optim.AdamW(self.net.parameters(), lr=h.lr, betas=tuple(h.betas),
                                 weight_decay=h.weight_decay, fused=fused)
         warmup = max(h.warmup_steps, 1)

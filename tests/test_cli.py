@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mrdiff.cli import MrdiffCLI, main, parse_resolution
+from mrdiff.cli import MrdiffCLI, main
+from mrdiff.inference import parse_resolution
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,6 +25,15 @@ from mrdiff.metrics.fid import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: 2 threads on 2 cores shared with other jobs thrash (an Inception test 6x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class ProjectedPixels(nn.Module):
     """Deterministic features: tanh of a fixed projection of 4x4-pooled pixels; counts its calls."""
 

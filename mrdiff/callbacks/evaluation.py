@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure, log_table
-from mrdiff.cli import parse_resolution, resolution_key, run_dir_of, time_conditioning
 from mrdiff.diffusion.samplers import TimeCond
+from mrdiff.inference import parse_resolution, resolution_key, run_dir_of, time_conditioning
 from mrdiff.metrics.fid import (
     FID,
     RealStatsCache,
@@ -68,6 +68,7 @@ class EvalTable:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def value(self, variant: str, resolution: str, metric: str) -> float:
+        """One number of the table, nan when it was not measured or is undefined."""
         return self.cells.get((variant, resolution), {}).get(metric, math.nan)
 
     def metrics(self) -> list[str]:
@@ -81,6 +82,7 @@ class EvalTable:
                 for metric in self.metrics() for v in self.variants]
 
     def columns(self) -> list[str]:
+        """Header of rows(): variant, metric, then the resolutions."""
         return ["variant", "metric", *self.resolutions]
 
     def markdown(self) -> str:
@@ -98,6 +100,7 @@ class EvalTable:
         return "\n\n".join(blocks) + "\n"
 
     def csv(self) -> str:
+        """rows() as CSV, full precision."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(self.columns())
@@ -145,6 +148,8 @@ def plot_table(table: EvalTable, path: Path) -> Path | None:
             ax.plot(sides, values, marker="o", label=v.label)
         ax.set_xticks(sides, labels=table.resolutions)
         ax.set(xlabel="resolution", ylabel=METRICS[metric][0], title=METRICS[metric][0])
+        if metric == "one_sun_rate":
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.tight_layout()
@@ -152,6 +157,14 @@ def plot_table(table: EvalTable, path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The global step a checkpoint was saved at (memory-mapped: the weights are not read)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step")
+    except Exception:  # an old-format file cannot be memory-mapped; the step is only informative
+        return None
 
 
 def gather_images(images: Tensor) -> Tensor:
@@ -179,7 +192,7 @@ class ResolutionEvaluation(L.Callback):
         steps: int = 50,  # DDIM steps
         eta: float = 0.0,  # DDIM η
         seed: int = 0,  # fake i uses seed + i at every resolution and in every row
-        noiseshift: str | None = None,  # NoiseShift table (JSON): adds a "+ NoiseShift" row
+        noiseshift: str | None = None,  # table (JSON) for a "+ NoiseShift" row; "auto": <run dir>/noiseshift.json
         analytic_shift: bool = False,  # adds a "+ analytic shift" row (SD3-style log-SNR shift)
         fid: bool | None = None,  # None: FID when Inception weights are configured, otherwise skipped
         structure: bool | None = None,  # sun-structure score; None: on for data.source == "synthetic"
@@ -212,24 +225,39 @@ class ResolutionEvaluation(L.Callback):
         for height, width in self.resolutions:
             pl_module.net.check_size(height, width)
         self._fid_on(trainer)
-        for path in filter(None, [self.noiseshift]):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"NoiseShift table {path} does not exist: run `mrdiff calibrate` "
-                                        "first")
+        self._noiseshift_path = self._resolve_noiseshift(trainer)
+        if self._noiseshift_path and not Path(self._noiseshift_path).is_file():
+            raise FileNotFoundError(f"NoiseShift table {self._noiseshift_path} does not exist: run `mrdiff calibrate`")
+
+    def _resolve_noiseshift(self, trainer: L.Trainer) -> str | None:
+        """The table path; "auto" means the run dir's noiseshift.json when it exists (else no such row)."""
+        if self.noiseshift != "auto":
+            return self.noiseshift
+        ckpt = str(trainer.ckpt_path) if trainer.ckpt_path else None
+        path = run_dir_of(ckpt, trainer.default_root_dir) / "noiseshift.json"
+        if path.is_file():
+            return str(path)
+        if trainer.is_global_zero:
+            print(f"mrdiff: no NoiseShift table at {path}: the '+ NoiseShift' row is left out (`mrdiff calibrate`)")
+        return None
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """`mrdiff test`: the whole evaluation (the test dataloader is a placeholder)."""
         self.evaluate(trainer, pl_module, "test")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """During fit, every `every_n_epochs` epochs, with the EMA weights."""
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             with ema_weights(trainer, pl_module):
                 self.evaluate(trainer, pl_module, "val")
 
     # -- evaluation ---------------------------------------------------------------------------------
     def variants(self) -> list[Variant]:
+        """The table's rows: the model, then + NoiseShift and + analytic shift when configured."""
         rows = [Variant(self.name, "")]
-        if self.noiseshift:
-            rows.append(Variant(f"{self.name} + NoiseShift", "noiseshift", noiseshift=self.noiseshift))
+        path = getattr(self, "_noiseshift_path", None if self.noiseshift == "auto" else self.noiseshift)
+        if path:
+            rows.append(Variant(f"{self.name} + NoiseShift", "noiseshift", noiseshift=path))
         if self.analytic_shift:
             rows.append(Variant(f"{self.name} + analytic shift", "analytic", shift="analytic"))
         return rows
@@ -243,7 +271,8 @@ class ResolutionEvaluation(L.Callback):
                                             ckpt_path=ckpt)
                  for v in table.variants for hw in self.resolutions}  # a bad table fails before sampling
         if not (self._fid_on(trainer) or self._structure_on(trainer)):
-            print("mrdiff: ResolutionEvaluation has nothing to measure (no FID, structure off); skipped")
+            if trainer.is_global_zero:
+                    print("mrdiff: ResolutionEvaluation has nothing to measure (no FID, structure off); skipped")
             return table
         was_training = pl_module.training
         pl_module.eval()
@@ -331,6 +360,7 @@ class ResolutionEvaluation(L.Callback):
         return True
 
     def _structure_on(self, trainer: L.Trainer) -> bool:
+        """The structure score when asked, by default for synthetic scenes (which have one sun)."""
         if self.structure is not None:
             return self.structure
         hparams = getattr(trainer.datamodule, "hparams", {})
@@ -344,8 +374,10 @@ class ResolutionEvaluation(L.Callback):
 
     # -- output -------------------------------------------------------------------------------------
     def _settings(self, trainer: L.Trainer, pl_module: DiffusionModule, stage: str, ckpt: str | None) -> dict:
+        """What produced the table (stored in its JSON)."""
         data = trainer.datamodule.describe() if hasattr(trainer.datamodule, "describe") else None
-        return {"stage": stage, "checkpoint": ckpt, "global_step": trainer.global_step, "name": self.name,
+        step = trainer.global_step if ckpt is None else checkpoint_step(ckpt)
+        return {"stage": stage, "checkpoint": ckpt, "global_step": step, "name": self.name,
                 "num_samples": self.num_samples, "num_reference": self.num_reference, "sampler": self.sampler,
                 "steps": self.steps, "eta": self.eta, "seed": self.seed, "noiseshift": self.noiseshift,
                 "world_size": rank_and_world()[1], "data": data,
@@ -366,7 +398,7 @@ class ResolutionEvaluation(L.Callback):
         stem.with_suffix(".json").write_text(json.dumps(table.as_json(), indent=1))
         print(f"mrdiff: {stage} evaluation ({self.num_samples} samples per cell) → {stem}.{{md,csv,json}}\n")
         print(table.markdown())
-        log_table(trainer, f"{stage}/eval_table", table.columns(), table.rows())
+        log_table(trainer, f"{stage}/eval_table", table.columns(), _finite(table.rows()))
         plot = plot_table(table, run_dir / f"eval_plot{suffix}.png")
         if plot is not None:
             log_figure(trainer, f"{stage}/eval_plot", plot)

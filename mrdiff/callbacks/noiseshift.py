@@ -15,6 +15,7 @@ from mrdiff.callbacks.media import log_figure
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, calibrate
 from mrdiff.diffusion.samplers import ddim_timesteps
+from mrdiff.inference import parse_resolution
 from mrdiff.module import DiffusionModule
 
 
@@ -97,7 +98,6 @@ class NoiseShiftCalibration(L.Callback):
         max_batch: int = 256,
         filename: str = "noiseshift.json",
     ) -> None:
-        from mrdiff.cli import parse_resolution
 
         self.resolutions = [parse_resolution(r) for r in resolutions]
         self.sampler, self.steps, self.every_n_epochs, self.filename = sampler, steps, every_n_epochs, filename

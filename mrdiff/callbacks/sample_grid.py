@@ -11,7 +11,7 @@ from torchvision.utils import save_image
 
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure
-from mrdiff.cli import parse_resolution, resolution_key
+from mrdiff.inference import parse_resolution, resolution_key
 from mrdiff.module import DiffusionModule
 
 
@@ -49,10 +49,13 @@ class SampleGrid(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        """A grid after every `every_n_steps`-th optimizer step."""
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
             self.run(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A grid of the final weights (unless the last step already has one)."""
         self.run(trainer, pl_module)
 
     def run(self, trainer: L.Trainer, pl_module: DiffusionModule) -> list[Path]:

@@ -201,8 +201,10 @@ class FID(FrechetInceptionDistance):
 
     @property
     def num_features(self) -> int:
+        """Feature dimension D."""
         return self.real_features_sum.numel()
 
+    @torch.no_grad()
     def update_images(self, images: Tensor, real: bool) -> None:
         """Add images ([−1, 1] floats or uint8) to the real or the fake statistics."""
         self.update(to_uint8(images).to(self.real_features_sum.device), real=real)
@@ -225,8 +227,7 @@ class FID(FrechetInceptionDistance):
         if self._sqrt_real is None or self._sqrt_real[0] != signature:
             self._sqrt_real = (signature, psd_sqrt(cov_real))
         trace_sqrt = trace_sqrt_product(self._sqrt_real[1], cov_fake)
-        fid = (mean_real - mean_fake).square().sum() + cov_real.trace() + cov_fake.trace() - 2 * trace_sqrt
-        return fid
+        return (mean_real - mean_fake).square().sum() + cov_real.trace() + cov_fake.trace() - 2 * trace_sqrt
 
     def real_stats(self) -> FeatureStats:
         """The real statistics summed over all ranks (a collective call under DDP)."""
@@ -273,6 +274,7 @@ class RealStatsCache:
                 "preprocessing": PREPROCESSING}
 
     def path(self, key: dict[str, Any]) -> Path:
+        """real_<H>x<W>_n<N>_<hash of the whole key>.npz in the cache directory."""
         digest = hashlib.sha256(_canonical(key).encode()).hexdigest()[:16]
         return self.directory / f"real_{key['height']}x{key['width']}_n{key['num']}_{digest}.npz"
 
@@ -288,6 +290,7 @@ class RealStatsCache:
             return None
 
     def save(self, key: dict[str, Any], stats: FeatureStats) -> Path:
+        """Write the statistics atomically; returns the file."""
         path = self.path(key)
         stats.save(path, key)
         return path
