@@ -247,7 +247,8 @@ def main() -> None:
     result = report(rows, meta)
     if not args.skip_calibration:
         result["calibration_seconds"] = calibration_seconds(preset, device)
-        print(f"\nNoiseShift calibration (50 DDIM timesteps, {meta['calibration_images']} images), seconds per resolution")
+        images = meta["calibration_images"]
+        print(f"\nNoiseShift calibration (50 DDIM timesteps, {images} images), seconds per resolution")
         for res, seconds in result["calibration_seconds"].items():
             print(f"  {res}²: {seconds:.1f} s")
     with open(args.out, "w") as f:

@@ -65,8 +65,9 @@ class MrdiffTrainer(Trainer):
         for height, width in sizes:
             time_cond = time_conditioning(model, height, width, noiseshift=noiseshift, shift=shift,
                                           ckpt_path=ckpt_path)
-            images = model.sample(seeds, height, width, sampler=sampler, steps=steps, eta=eta,
-                                  time_cond=time_cond, progress=True)
+            with self.precision_plugin.forward_context():
+                images = model.sample(seeds, height, width, sampler=sampler, steps=steps, eta=eta,
+                                      time_cond=time_cond, progress=True)
             suffix = "" if time_cond is None else ("_noiseshift" if noiseshift else f"_{shift}")
             path = out / f"samples_{resolution_key(height, width)}{suffix}.png"
             save_image(images.float() * 0.5 + 0.5, path, nrow=max(1, int(math.sqrt(num_samples))))
@@ -101,8 +102,9 @@ class MrdiffTrainer(Trainer):
         settings = SearchSettings(coarse_window=coarse_window, coarse_stride=coarse_stride, fine_window=fine_window,
                                   fine_stride=fine_stride, num_images=num_images, max_batch=max_batch)
         timesteps = sampler_timesteps(model.schedule.num_timesteps, sampler, steps)
-        table = calibrate_model(model, datamodule, sizes, timesteps, settings,
-                                checkpoint=checkpoint_hash(ckpt_path))
+        with self.precision_plugin.forward_context():
+            table = calibrate_model(model, datamodule, sizes, timesteps, settings,
+                                    checkpoint=checkpoint_hash(ckpt_path))
         path = Path(out) if out else run_dir_of(ckpt_path, self.default_root_dir) / "noiseshift.json"
         if path.exists():
             previous = NoiseShiftTable.load(path, schedule=model.schedule, checkpoint=table.checkpoint)

@@ -120,7 +120,9 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        fused = self.device.type in ("cuda", "cpu")  # one kernel for the whole update
+        # fused: one kernel for the whole update; Lightning refuses it with gradient clipping under AMP
+        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        fused = self.device.type in ("cuda", "cpu") and not clipping
         opt = torch.optim.AdamW(self.net.parameters(), lr=h.lr, betas=tuple(h.betas),
                                 weight_decay=h.weight_decay, fused=fused)
         warmup = max(h.warmup_steps, 1)

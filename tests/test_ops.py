@@ -80,8 +80,9 @@ def test_slurm_requeue_saves_requeues_and_resumes(tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
 
 
-def test_bf16_mixed_fit_on_cpu(tiny_config_file, tmp_path):
-    main(["fit", "--config", str(tiny_config_file(**{"trainer.precision": "bf16-mixed"}))])
+def test_bf16_mixed_fit_on_cpu_with_gradient_clipping(tiny_config_file, tmp_path):
+    main(["fit", "--config", str(tiny_config_file(**{"trainer.precision": "bf16-mixed",
+                                                       "trainer.gradient_clip_val": 1.0}))])
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())

@@ -109,7 +109,7 @@ class NoiseShiftCalibration(L.Callback):
         if not trainer.is_global_zero:
             return None
         timesteps = sampler_timesteps(pl_module.schedule.num_timesteps, self.sampler, self.steps)
-        with ema_weights(trainer, pl_module):
+        with ema_weights(trainer, pl_module), trainer.precision_plugin.forward_context():
             table = calibrate_model(pl_module, trainer.datamodule, self.resolutions, timesteps, self.settings)
         run_dir = Path(trainer.default_root_dir)
         table.save(run_dir / self.filename)

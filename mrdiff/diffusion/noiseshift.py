@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from mrdiff.diffusion.samplers import EpsFn, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule
+from mrdiff.utils import atomic_write
 
 Fallback = Literal["error", "nearest", "identity"]
 _ROUND = 6  # candidates are rounded to 1e-6 timesteps so that near-identical values are scored once
@@ -351,18 +351,8 @@ class NoiseShiftTable:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write JSON atomically: a temporary file in the same directory, then os.replace."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
 
     @classmethod
     def load(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +27,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from tqdm import tqdm
+
+from mrdiff.utils import atomic_write
 
 WEIGHTS_ENV = "MRDIFF_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -154,18 +155,8 @@ class FeatureStats:
 
     def save(self, path: Path, key: dict[str, Any]) -> None:
         """Write an .npz atomically (temporary file + rename), with the key stored inside."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, num=np.int64(self.num), mean=self.mean, cov=self.cov,
-                         key=np.array(_canonical(key)))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            np.savez(f, num=np.int64(self.num), mean=self.mean, cov=self.cov, key=np.array(_canonical(key)))
 
     @classmethod
     def load(cls, path: Path, key: dict[str, Any]) -> FeatureStats:
