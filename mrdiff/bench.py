@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
     parser.add_argument("--skip-calibration", action="store_true")
+    parser.add_argument("--skip-sampling", action="store_true")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -239,7 +240,7 @@ def main() -> None:
     preset = PRESETS[preset_name]
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")
-    rows = training_rows(preset, device, args.compile) + sampling_rows(preset, device)
+    rows = training_rows(preset, device, args.compile) + ([] if args.skip_sampling else sampling_rows(preset, device))
     measure(rows, args.repeats, device)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()}",
             "preset": preset_name, "repeats": args.repeats, "torch": torch.__version__,
