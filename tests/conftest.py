@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,15 @@ def tiny_config(run_dir: Path, **overrides) -> dict:
             node = node.setdefault(key, {})
         node[leaf] = value
     return config
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny models are latency-bound, and 2 threads on 2 shared cores thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

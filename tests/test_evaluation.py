@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -58,13 +57,7 @@ def copy_checkpoint(ckpt: Path, run_dir: Path) -> Path:
     return Path(shutil.copy(ckpt, run_dir / "checkpoints" / "last.ckpt"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny U-Net is latency-bound, and 2 threads on 2 shared cores thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ from mrdiff.metrics.fid import (
     to_uint8,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: 2 threads on 2 cores shared with other jobs thrash (an Inception test 6x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ProjectedPixels(nn.Module):
