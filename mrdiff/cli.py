@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,6 +155,8 @@ class MrdiffCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")
+    # mid-epoch resume is exact here (MultiResDataModule.state_dict skips the batches already seen)
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     MrdiffCLI(args=args)
 
 

@@ -82,17 +82,6 @@ class MultiResDataModule(L.LightningDataModule):
         self._resume: dict[str, int] | None = None
 
     @property
-    def train_resolution(self) -> int:
-        """Largest image the model sees in training: s_max (multi-res) or image_size (fixed)."""
-        return self.hparams.s_max if self.hparams.multires else self.fixed_size
-
-    @property
-    def patch_pixels(self) -> int:
-        """Pixels of one training input (the m of the analytic resolution shift)."""
-        side = self.hparams.patch_size if self.hparams.multires else self.fixed_size
-        return side * side
-
-    @property
     def fixed_size(self) -> int:
         return self.hparams.train_size or self.hparams.image_size
 
