@@ -15,7 +15,13 @@ from torchvision.utils import save_image
 from mrdiff.checkpoint import AtomicCheckpointIO, load_checkpoint, load_weights
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, checkpoint_hash
-from mrdiff.inference import Resolution, parse_resolution, resolution_key, run_dir_of, time_conditioning
+from mrdiff.inference import (
+    Resolution,
+    checked_resolutions,
+    resolution_key,
+    run_dir_of,
+    time_conditioning,
+)
 from mrdiff.loggers import SaveConfig, WandbRun
 from mrdiff.module import DiffusionModule
 
@@ -55,9 +61,7 @@ class MrdiffTrainer(Trainer):
         out_dir: str | None = None,  # default: <run dir>/samples
     ) -> list[Path]:
         """Write a PNG grid of `num_samples` samples per resolution; returns their paths."""
-        sizes = [parse_resolution(r) for r in resolutions]
-        for height, width in sizes:  # every resolution checked before any sampling starts
-            model.net.check_size(height, width)
+        sizes = checked_resolutions(model, resolutions)
         model = self._load_for_inference(model, ckpt_path, "sample")
         out = Path(out_dir) if out_dir else run_dir_of(ckpt_path, self.default_root_dir) / "samples"
         out.mkdir(parents=True, exist_ok=True)
@@ -96,9 +100,7 @@ class MrdiffTrainer(Trainer):
         """Calibrate NoiseShift tables for a trained model at the given resolutions."""
         from mrdiff.callbacks.noiseshift import calibrate_model, plot_table, sampler_timesteps
 
-        sizes = [parse_resolution(r) for r in resolutions]
-        for height, width in sizes:
-            model.net.check_size(height, width)
+        sizes = checked_resolutions(model, resolutions)
         model = self._load_for_inference(model, ckpt_path, "calibrate")
         settings = SearchSettings(coarse_window=coarse_window, coarse_stride=coarse_stride, fine_window=fine_window,
                                   fine_stride=fine_stride, num_images=num_images, max_batch=max_batch)

@@ -24,8 +24,15 @@ def parse_resolution(value: Resolution) -> tuple[int, int]:
     return height, width
 
 
-def resolution_key(height: int, width: int) -> str:
-    return str(height) if height == width else f"{height}x{width}"
+def checked_resolutions(model: DiffusionModule, resolutions: list[Resolution]) -> list[tuple[int, int]]:
+    """Parse every resolution and check the U-Net can take it, before any sampling starts."""
+    sizes = [parse_resolution(r) for r in resolutions]
+    for height, width in sizes:
+        model.net.check_size(height, width)
+    return sizes
+
+
+resolution_key = NoiseShiftTable.resolution_key  # "64" or "96x128": one spelling for tables, files and logs
 
 
 def run_dir_of(ckpt_path: str | None, fallback: str) -> Path:

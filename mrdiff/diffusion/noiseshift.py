@@ -18,6 +18,7 @@ Hoogeboom et al. 2023).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -217,7 +218,14 @@ def calibrate(
 
 # -- table -----------------------------------------------------------------------------------------------
 def checkpoint_hash(path: str | os.PathLike[str]) -> str:
-    """First 16 hex digits of the file's SHA-256, read in 1 MiB chunks."""
+    """First 16 hex digits of the file's SHA-256, read in 1 MiB chunks (once per file version)."""
+    stat = os.stat(path)
+    return _file_hash(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_hash(path: str, mtime_ns: int, size: int) -> str:
+    """Hash keyed by (path, mtime, size): sampling or evaluating R resolutions reads the checkpoint once."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -60,8 +60,11 @@ class NoiseSchedule:
         # β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)  (DDPM eq. 7)
         self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
         self.log_snr = np.log(self.alphas_cumprod) - np.log1p(-self.alphas_cumprod)
-        sqrt_ab, sqrt_1mab = np.sqrt(self.alphas_cumprod), np.sqrt(1 - self.alphas_cumprod)
-        self.sigma_rf = sqrt_1mab / (sqrt_ab + sqrt_1mab)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1 - self.alphas_cumprod)
+        self.sigma_rf = self.sqrt_one_minus_alphas_cumprod / (
+            self.sqrt_alphas_cumprod + self.sqrt_one_minus_alphas_cumprod)
+        self._on_device: dict[tuple[int, torch.device], Tensor] = {}
 
     # -- description -------------------------------------------------------------------------------
     def describe(self) -> dict[str, object]:
@@ -77,13 +80,15 @@ class NoiseSchedule:
     # -- training ------------------------------------------------------------------------------------
     def gather(self, table: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
         """table[t] for integer t of shape [B], broadcastable against `like` ([B, ...])."""
-        values = torch.as_tensor(table, device=t.device)[t.long()]
-        return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+        key = (id(table), t.device)
+        if key not in self._on_device:  # copied to each device once, not at every step
+            self._on_device[key] = torch.as_tensor(table, device=t.device)
+        return self._on_device[key][t.long()].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε  (DDPM eq. 4)."""
-        sqrt_ab = self.gather(np.sqrt(self.alphas_cumprod), t, x0)
-        sqrt_1mab = self.gather(np.sqrt(1 - self.alphas_cumprod), t, x0)
+        sqrt_ab = self.gather(self.sqrt_alphas_cumprod, t, x0)
+        sqrt_1mab = self.gather(self.sqrt_one_minus_alphas_cumprod, t, x0)
         return sqrt_ab * x0 + sqrt_1mab * noise
 
     def sample_timesteps(self, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
