@@ -1,15 +1,22 @@
 """`make bench`: training and sampling throughput, measured as ratios within one run.
 
-    python -m mrdiff.bench [--preset cpu|celeba] [--repeats 5] [--compile] [--out bench.json]
+    python -m mrdiff.bench [--preset cpu|celeba] [--repeats 5] [--compile] [--peak-tflops X] [--out bench.json]
 
 Rows are timed round-robin (every configuration once per repeat, the median kept) so that a noisy,
 shared machine slows all of them alike; the ratios between rows are the figures to quote.
+
+Every row also reports its model FLOPs (convolutions, matmuls and attention of the forward and backward
+pass, counted by torch.utils.flop_counter on the eager network) and the achieved TFLOP/s. On a GPU
+whose bf16 dense peak is known (or given with --peak-tflops) that gives the model FLOP utilisation
+(MFU); on a CPU the reference is a "conv roofline" row: one 3×3 convolution of the level-0 shape,
+forward and backward, the best rate this machine's oneDNN reaches on the network's main operation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from mrdiff.diffusion.noiseshift import SearchSettings, calibrate
 from mrdiff.diffusion.samplers import ddim_sample
@@ -37,6 +45,10 @@ PRESETS = {  # U-Net shapes: "cpu" is small enough for a 2-core machine, "celeba
             "calibration": {"images": 64}},
 }
 MULTIRES = {"coord_frequencies": 6, "coord_max_frequency": 16.0, "safa_levels": (2, 3), "safa_kernels": 4}
+PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity)
+    "H100 80GB HBM3": 989.4,  # the SXM part's device name "H200": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+    "A100": 312.0, "L40S": 362.1, "RTX 4090": 165.2,
+}
 
 
 @dataclass
@@ -45,15 +57,28 @@ class Row:
     step: Callable[[], None]
     images: int  # images per call of step
     seconds: list[float]
+    flops: float | None = None  # model FLOPs per call of step
 
     @property
     def images_per_s(self) -> float:
         return self.images / statistics.median(self.seconds)
 
+    @property
+    def tflops_per_s(self) -> float | None:
+        return self.flops / statistics.median(self.seconds) / 1e12 if self.flops else None
+
+
+def count_flops(step: Callable[[], None]) -> float:
+    """Model FLOPs of one call (runs it once, eagerly, under the counter)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
 
 def unet_kwargs(preset: dict, multires: bool) -> dict:
     keys = ("base_channels", "channel_mult", "num_res_blocks", "attention_levels")
-    return {k: preset[k] for k in keys} | {"dropout": 0.0} | (MULTIRES if multires else {})
+    return ({k: preset[k] for k in keys} | {"dropout": 0.0, "head_channels": preset.get("head_channels", 64)}
+            | (MULTIRES if multires else {}))
 
 
 def diffusers_unet(preset: dict) -> torch.nn.Module:
@@ -66,7 +91,8 @@ def diffusers_unet(preset: dict) -> torch.nn.Module:
     up = tuple("AttnUpBlock2D" if lv in attn else "UpBlock2D" for lv in reversed(range(levels)))
     return UNet2DModel(block_out_channels=tuple(preset["base_channels"] * m for m in preset["channel_mult"]),
                        layers_per_block=preset["num_res_blocks"], down_block_types=down, up_block_types=up,
-                       attention_head_dim=64, norm_num_groups=32)
+                       attention_head_dim=preset.get("head_channels", 64),
+                       norm_num_groups=math.gcd(32, preset["base_channels"]))
 
 
 def train_step(net: torch.nn.Module, inputs: dict, *, bf16: bool, device: torch.device,
@@ -75,7 +101,7 @@ def train_step(net: torch.nn.Module, inputs: dict, *, bf16: bool, device: torch.
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
     x0 = inputs["image"]
     if channels_last:
-        net.to(memory_format=torch.channels_last)
+        net.to_channels_last() if isinstance(net, UNet) else net.to(memory_format=torch.channels_last)
         x0 = x0.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -107,32 +133,57 @@ def batch_inputs(preset: dict, device: torch.device, scale_mode: str) -> dict:
 
 
 def training_rows(preset: dict, device: torch.device, compile: bool) -> list[Row]:
-    rows = []
+    """Eager rows in fp32 and bf16; with `compile`, the bf16 rows again under torch.compile."""
+    rows, batch = [], preset["batch"]
+    variants = (("fixed U-Net", False, "shared"), ("multi-res, per-sample scales", True, "sample"),
+                ("multi-res, per-batch scale", True, "shared"))
     for bf16 in (False, True):
         tag = "bf16" if bf16 else "fp32"
-        for name, multires, scale_mode in (("fixed U-Net", False, "shared"), ("multi-res, per-sample scales", True,
-                                           "sample"), ("multi-res, per-batch scale", True, "shared")):
+        for name, multires, scale_mode in variants:
             torch.manual_seed(0)
             net = UNet(**unet_kwargs(preset, multires)).to(device)
-            inputs = batch_inputs(preset, device, scale_mode)
-            rows.append(Row(f"train {name} {tag}", train_step(net, inputs, bf16=bf16, device=device),
-                            preset["batch"], []))
+            step = train_step(net, batch_inputs(preset, device, scale_mode), bf16=bf16, device=device)
+            rows.append(Row(f"train {name} {tag}", step, batch, [], count_flops(step)))
         shared = batch_inputs(preset, device, "shared")
         plain = UNet(**unet_kwargs(preset, False)).to(device)
-        rows.append(Row(f"train fixed U-Net {tag} channels_last",
-                        train_step(plain, shared, bf16=bf16, device=device, channels_last=True), preset["batch"], []))
+        step = train_step(plain, shared, bf16=bf16, device=device, channels_last=True)
+        fixed_flops = next(r.flops for r in rows if r.name == f"train fixed U-Net {tag}")
+        rows.append(Row(f"train fixed U-Net {tag} channels_last", step, batch, [], fixed_flops))
         try:
             ref = diffusers_unet(preset).to(device)
-            rows.append(Row(f"train diffusers UNet2DModel {tag}",
-                            train_step(ref, shared, bf16=bf16, device=device, diffusers=True), preset["batch"], []))
         except ImportError:
             print("mrdiff.bench: diffusers not installed (pip install -e '.[bench]'): no reference rows")
-        if compile:
-            net = torch.compile(UNet(**unet_kwargs(preset, True)).to(device))
-            rows.append(Row(f"train multi-res, per-sample scales {tag} compiled",
-                            train_step(net, batch_inputs(preset, device, "sample"), bf16=bf16, device=device),
-                            preset["batch"], []))
+        else:
+            step = train_step(ref, shared, bf16=bf16, device=device, diffusers=True)
+            rows.append(Row(f"train diffusers UNet2DModel {tag}", step, batch, [], count_flops(step)))
+        if device.type == "cpu":
+            rows.append(conv_roofline(preset, device, bf16))
+    if compile:
+        eager = {r.name: r for r in rows}
+        for name, multires, scale_mode in (*variants[:2], ("diffusers UNet2DModel", None, "shared")):
+            if f"train {name} bf16" not in eager:
+                continue
+            torch.manual_seed(0)
+            net = diffusers_unet(preset) if multires is None else UNet(**unet_kwargs(preset, multires))
+            net = net.to(device)
+            net.compile()  # in place, as model.compile does
+            step = train_step(net, batch_inputs(preset, device, scale_mode), bf16=True, device=device,
+                              diffusers=multires is None)
+            rows.append(Row(f"train {name} bf16 compiled", step, batch, [], eager[f"train {name} bf16"].flops))
     return rows
+
+
+def conv_roofline(preset: dict, device: torch.device, bf16: bool) -> Row:
+    """One 3×3 conv of the level-0 shape, forward + backward: the machine's rate on the main operation."""
+    b, c, p = preset["batch"], preset["base_channels"], preset["patch"]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(b, c, p, p, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(c, c, 3, 3, device=device, dtype=dtype, requires_grad=True)
+
+    def step() -> None:
+        F.conv2d(x, weight, padding=1).sum().backward()
+
+    return Row(f"conv roofline {c}x{p}² {'bf16' if bf16 else 'fp32'}", step, b, [], count_flops(step))
 
 
 def sampling_rows(preset: dict, device: torch.device) -> list[Row]:
@@ -147,7 +198,7 @@ def sampling_rows(preset: dict, device: torch.device) -> list[Row]:
                 ddim_sample(lambda x, t: net(x, t, grid, scale).float(), schedule,
                             torch.randn(n, 3, res, res, device=device), steps=50)
 
-        rows.append(Row(f"sample DDIM-50 at {res}² bf16", run, n, []))
+        rows.append(Row(f"sample DDIM-50 at {res}² bf16", run, n, [], count_flops(run)))
     return rows
 
 
@@ -194,12 +245,29 @@ def ratio(rows: dict[str, Row], a: str, b: str) -> float | None:
     return rows[a].images_per_s / rows[b].images_per_s if a in rows and b in rows else None
 
 
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    """bf16 dense peak of this GPU: --peak-tflops, else the data-sheet figure for a known model."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    matches = [peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name]
+    return matches[0] if matches else None
+
+
 def report(rows: list[Row], meta: dict) -> dict:
     by_name = {r.name: r for r in rows}
+    peak = meta.get("peak_bf16_tflops")
     print(f"\nmrdiff bench — {meta['device']}, preset {meta['preset']}, median of {meta['repeats']} rounds")
-    print(f"{'row':<52} {'images/s':>10} {'s/call':>9}")
+    print(f"{'row':<52} {'images/s':>10} {'s/call':>9} {'GFLOP/call':>11} {'TFLOP/s':>8}" + ("   MFU" if peak else ""))
     for r in rows:
-        print(f"{r.name:<52} {r.images_per_s:>10.2f} {statistics.median(r.seconds):>9.3f}")
+        line = f"{r.name:<52} {r.images_per_s:>10.2f} {statistics.median(r.seconds):>9.3f}"
+        if r.flops:
+            line += f" {r.flops / 1e9:>11.1f} {r.tflops_per_s:>8.3f}"
+            if peak and "bf16" in r.name:
+                line += f" {r.tflops_per_s / peak:>5.1%}"
+        print(line)
     ratios = {
         "fixed / diffusers (fp32)": ratio(by_name, "train fixed U-Net fp32", "train diffusers UNet2DModel fp32"),
         "fixed / diffusers (bf16)": ratio(by_name, "train fixed U-Net bf16", "train diffusers UNet2DModel bf16"),
@@ -211,26 +279,41 @@ def report(rows: list[Row], meta: dict) -> dict:
                                           "train multi-res, per-sample scales fp32"),
         "channels_last / default (fixed, bf16)": ratio(by_name, "train fixed U-Net bf16 channels_last",
                                                        "train fixed U-Net bf16"),
+        "compiled / eager (fixed, bf16)": ratio(by_name, "train fixed U-Net bf16 compiled", "train fixed U-Net bf16"),
+        "fixed compiled / diffusers compiled (bf16)": ratio(by_name, "train fixed U-Net bf16 compiled",
+                                                            "train diffusers UNet2DModel bf16 compiled"),
+        "fixed compiled / diffusers eager (bf16)": ratio(by_name, "train fixed U-Net bf16 compiled",
+                                                         "train diffusers UNet2DModel bf16"),
+        "multi-res per-sample cost over fixed (bf16 compiled)": _cost(by_name, "bf16 compiled", "per-sample scales"),
     }
+    for tag in ("fp32", "bf16"):  # share of the conv roofline the whole training step reaches
+        roof = next((r for r in rows if r.name.startswith("conv roofline") and r.name.endswith(tag)), None)
+        if roof and f"train fixed U-Net {tag}" in by_name:
+            ratios[f"fixed U-Net FLOP rate / conv roofline ({tag})"] = (
+                by_name[f"train fixed U-Net {tag}"].tflops_per_s / roof.tflops_per_s)
     print("\nratios")
     for key, value in ratios.items():
         if value is not None:
             print(f"  {key:<50} {value:6.2f}" + ("" if "cost" not in key else f"  ({(value - 1) * 100:+.0f}%)"))
-    return {"meta": meta, "rows": {r.name: {"images_per_s": r.images_per_s, "seconds": r.seconds} for r in rows},
-            "ratios": ratios}
+    return {"meta": meta, "ratios": ratios,
+            "rows": {r.name: {"images_per_s": r.images_per_s, "seconds": r.seconds, "flops": r.flops,
+                              "tflops_per_s": r.tflops_per_s,
+                              "mfu": r.tflops_per_s / peak if peak and r.flops and "bf16" in r.name else None}
+                     for r in rows}}
 
 
 def _cost(rows: dict[str, Row], tag: str, variant: str) -> float | None:
     """Time per image of the multi-resolution U-Net relative to the fixed one (1.10 = 10% slower)."""
-    value = ratio(rows, f"train fixed U-Net {tag}", f"train multi-res, {variant} {tag}")
-    return value
+    return ratio(rows, f"train fixed U-Net {tag}", f"train multi-res, {variant} {tag}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: celeba on GPU, cpu on CPU")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (bf16)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="bf16 dense peak of the accelerator for MFU (default: known GPUs' data-sheet figure)")
     parser.add_argument("--skip-calibration", action="store_true")
     parser.add_argument("--skip-sampling", action="store_true")
     parser.add_argument("--out", default="bench.json")
@@ -244,7 +327,8 @@ def main() -> None:
     measure(rows, args.repeats, device)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()}",
             "preset": preset_name, "repeats": args.repeats, "torch": torch.__version__,
-            "calibration_images": preset["calibration"]["images"]}
+            "calibration_images": preset["calibration"]["images"],
+            "peak_bf16_tflops": peak_tflops(device, args.peak_tflops)}
     result = report(rows, meta)
     if not args.skip_calibration:
         result["calibration_seconds"] = calibration_seconds(preset, device)

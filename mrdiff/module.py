@@ -50,7 +50,7 @@ class DiffusionModule(L.LightningModule):
         self.schedule = NoiseSchedule(kind=schedule, num_timesteps=num_timesteps,
                                       beta_start=beta_start, beta_end=beta_end)
         if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self.net.to_channels_last()
         if compile:  # in place: parameter names (and so checkpoints) stay those of the plain U-Net
             self.net.compile(dynamic=True)
         self.skipped_steps = 0

@@ -60,7 +60,7 @@ def test_safa_with_one_kernel_is_a_plain_conv():
     assert torch.allclose(conv(x, torch.tensor([0.3])), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["grouped", "experts"])
+@pytest.mark.parametrize("mode", ["grouped", "experts", "stacked", "auto"])
 def test_safa_batched_per_sample_path_equals_a_loop(mode):
     torch.manual_seed(0)
     conv = ScaleAwareConv2d(6, 4, num_kernels=3, mode=mode)
@@ -70,6 +70,21 @@ def test_safa_batched_per_sample_path_equals_a_loop(mode):
     kernels = torch.einsum("k,koihw->oihw", conv.mixing_weights(scale[:1])[0], conv.weight)
     assert torch.allclose(looped[:1], F.conv2d(x[:1], kernels, (conv.mixing_weights(scale[:1]) @ conv.bias)[0],
                                                padding=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [4, 12])  # "auto" runs stacked at 4×4 and grouped at 12×12
+def test_safa_per_sample_paths_have_the_same_gradients(size):
+    x, scale = torch.randn(5, 6, size, size), torch.randn(5)
+    grads = {}
+    for mode in ("grouped", "experts", "stacked", "auto"):
+        torch.manual_seed(0)
+        conv = ScaleAwareConv2d(6, 4, num_kernels=3, mode=mode)
+        xi = x.clone().requires_grad_()
+        (conv(xi, scale) * torch.linspace(-1, 1, 4 * size * size).reshape(4, size, size)).sum().backward()
+        grads[mode] = [xi.grad] + [p.grad for p in conv.parameters()]
+    for mode in ("experts", "stacked", "auto"):
+        for ref, got in zip(grads["grouped"], grads[mode], strict=True):
+            assert torch.allclose(ref, got, atol=1e-4, rtol=1e-4), mode
 
 
 def test_safa_kernel_depends_on_scale():
@@ -98,6 +113,19 @@ def test_unet_with_coords_and_safa_runs_at_any_divisible_size(size):
     x = torch.randn(2, 3, h, w)
     out = net(x, torch.tensor([5.0, 700.5]), canvas_grid(h, w), torch.tensor([float(h), float(w)]))
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_channels_last_unet_with_safa_gives_the_same_output():
+    torch.manual_seed(0)
+    net = small_unet(coord_frequencies=3, safa_levels=(1, 2), dropout=0.0)
+    for p in net.parameters():  # move off the zero initialisation of output layers
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, t, scale = torch.randn(2, 3, 32, 32), torch.tensor([3.0, 500.0]), torch.tensor([40.0, 64.0])
+    ref = net(x, t, canvas_grid(32, 32), scale)
+    net.to_channels_last()  # the 5-D SAFA kernel banks cannot be channels_last: they are left alone
+    assert net.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    out = net(x.contiguous(memory_format=torch.channels_last), t, canvas_grid(32, 32), scale)
+    assert torch.allclose(out, ref, atol=1e-5)
 
 
 def test_unet_conditioning_changes_the_output():

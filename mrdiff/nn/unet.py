@@ -187,6 +187,13 @@ class UNet(nn.Module):
                 self.upsample.append(nn.Conv2d(ch, ch, 3, padding=1))
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
+    def to_channels_last(self) -> UNet:
+        """Store the 4-D conv kernels channels_last (the 5-D SAFA kernel banks stay as they are)."""
+        for param in self.parameters():
+            if param.ndim == 4:
+                param.data = param.data.contiguous(memory_format=torch.channels_last)
+        return self
+
     @property
     def downsampling_factor(self) -> int:
         """H and W must be multiples of this."""
