@@ -8,8 +8,8 @@ shared machine slows all of them alike; the ratios between rows are the figures 
 Every row also reports its model FLOPs (convolutions, matmuls and attention of the forward and backward
 pass, counted by torch.utils.flop_counter on the eager network) and the achieved TFLOP/s. On a GPU
 whose bf16 dense peak is known (or given with --peak-tflops) that gives the model FLOP utilisation
-(MFU); on a CPU the reference is a "conv roofline" row: one 3×3 convolution of the level-0 shape,
-forward and backward, the best rate this machine's oneDNN reaches on the network's main operation.
+(MFU). Elementwise work (normalisation, activations, the optimizer) is not counted: it is the
+difference between a row's rate and the peak.
 """
 
 from __future__ import annotations
@@ -156,8 +156,6 @@ def training_rows(preset: dict, device: torch.device, compile: bool) -> list[Row
         else:
             step = train_step(ref, shared, bf16=bf16, device=device, diffusers=True)
             rows.append(Row(f"train diffusers UNet2DModel {tag}", step, batch, [], count_flops(step)))
-        if device.type == "cpu":
-            rows.append(conv_roofline(preset, device, bf16))
     if compile:
         eager = {r.name: r for r in rows}
         for name, multires, scale_mode in (*variants[:2], ("diffusers UNet2DModel", None, "shared")):
@@ -171,19 +169,6 @@ def training_rows(preset: dict, device: torch.device, compile: bool) -> list[Row
                               diffusers=multires is None)
             rows.append(Row(f"train {name} bf16 compiled", step, batch, [], eager[f"train {name} bf16"].flops))
     return rows
-
-
-def conv_roofline(preset: dict, device: torch.device, bf16: bool) -> Row:
-    """One 3×3 conv of the level-0 shape, forward + backward: the machine's rate on the main operation."""
-    b, c, p = preset["batch"], preset["base_channels"], preset["patch"]
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    x = torch.randn(b, c, p, p, device=device, dtype=dtype, requires_grad=True)
-    weight = torch.randn(c, c, 3, 3, device=device, dtype=dtype, requires_grad=True)
-
-    def step() -> None:
-        F.conv2d(x, weight, padding=1).sum().backward()
-
-    return Row(f"conv roofline {c}x{p}² {'bf16' if bf16 else 'fp32'}", step, b, [], count_flops(step))
 
 
 def sampling_rows(preset: dict, device: torch.device) -> list[Row]:
@@ -286,11 +271,6 @@ def report(rows: list[Row], meta: dict) -> dict:
                                                          "train diffusers UNet2DModel bf16"),
         "multi-res per-sample cost over fixed (bf16 compiled)": _cost(by_name, "bf16 compiled", "per-sample scales"),
     }
-    for tag in ("fp32", "bf16"):  # share of the conv roofline the whole training step reaches
-        roof = next((r for r in rows if r.name.startswith("conv roofline") and r.name.endswith(tag)), None)
-        if roof and f"train fixed U-Net {tag}" in by_name:
-            ratios[f"fixed U-Net FLOP rate / conv roofline ({tag})"] = (
-                by_name[f"train fixed U-Net {tag}"].tflops_per_s / roof.tflops_per_s)
     print("\nratios")
     for key, value in ratios.items():
         if value is not None:

@@ -9,6 +9,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def private_scan_cache(tmp_path_factory, monkeypatch):
+    """Image-folder scan caches go to a per-test folder, not ~/.cache (subprocesses inherit it)."""
+    monkeypatch.setenv("MRDIFF_SCAN_CACHE", str(tmp_path_factory.mktemp("scan-cache")))
+
+
 def tiny_config(run_dir: Path, **overrides) -> dict:
     """A multi-resolution config on synthetic scenes small enough for tests."""
     config = {

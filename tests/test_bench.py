@@ -30,14 +30,13 @@ def test_bench_runs_and_reports_flops_and_ratios(tmp_path, monkeypatch, one_thre
     assert fixed["flops"] == pytest.approx(ref["flops"], rel=0.1)
     assert rows["train multi-res, per-sample scales fp32"]["flops"] > fixed["flops"]
     assert rows["train fixed U-Net bf16 channels_last"]["flops"] == rows["train fixed U-Net bf16"]["flops"]
-    for name in ("train fixed U-Net fp32", "sample DDIM-50 at 24² bf16", "conv roofline 16x16² bf16"):
+    for name in ("train fixed U-Net fp32", "sample DDIM-50 at 24² bf16"):
         row = rows[name]
         assert row["images_per_s"] > 0 and row["tflops_per_s"] == pytest.approx(
             row["flops"] / sorted(row["seconds"])[0] / 1e12)
     assert rows["train fixed U-Net bf16"]["mfu"] == pytest.approx(rows["train fixed U-Net bf16"]["tflops_per_s"])
     ratios = result["ratios"]
     assert ratios["fixed / diffusers (fp32)"] == pytest.approx(fixed["images_per_s"] / ref["images_per_s"])
-    assert 0 < ratios["fixed U-Net FLOP rate / conv roofline (bf16)"]
     assert set(result["calibration_seconds"]) == {"16", "24"}
 
 

@@ -34,6 +34,30 @@ def test_corrupt_and_truncated_images_are_listed_or_skipped_with_a_count(tmp_pat
     assert "skipping 2 unreadable image(s) of 6" in capsys.readouterr().out
 
 
+def test_image_scan_is_cached_and_redone_for_changed_files(tmp_path, monkeypatch, capsys):
+    from mrdiff.data import images
+
+    for i in range(5):
+        good_image(tmp_path / f"ok{i}.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    decoded = []
+    real = images.decode_error
+    monkeypatch.setattr(images, "decode_error", lambda p: decoded.append(p.name) or real(p))
+    assert len(ImageFolder(tmp_path, size=32, on_corrupt="skip")) == 5 and len(decoded) == 6
+    decoded.clear()
+    dataset = ImageFolder(tmp_path, size=32, on_corrupt="skip")
+    assert len(dataset) == 5 and dataset.skipped == 1 and decoded == ["bad.jpg"]  # only the unverified file
+    whole = (tmp_path / "ok3.png").read_bytes()
+    (tmp_path / "ok3.png").write_bytes(whole[: len(whole) // 2])  # new size and mtime: decoded again
+    decoded.clear()
+    dataset = ImageFolder(tmp_path, size=32, on_corrupt="skip")
+    assert sorted(decoded) == ["bad.jpg", "ok3.png"] and dataset.skipped == 2
+    images.scan_cache_path(tmp_path).write_text("{ torn")
+    decoded.clear()
+    assert len(ImageFolder(tmp_path, size=32, on_corrupt="skip")) == 4 and len(decoded) == 6
+    assert "scan cache" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
 def test_every_image_mode_becomes_rgb(tmp_path, mode):
     path = tmp_path / ("x.png" if mode != "CMYK" else "x.jpg")

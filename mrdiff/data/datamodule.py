@@ -93,7 +93,8 @@ class MultiResDataModule(L.LightningDataModule):
         if h.source == "folder":
             return ImageFolder(h.root, size=h.image_size, on_corrupt=h.on_corrupt, upscale_small=h.upscale_small)
         if h.source == "celeba":
-            return CelebAImages(h.root, size=h.image_size, crop=h.celeba_crop)
+            return CelebAImages(h.root, size=h.image_size, crop=h.celeba_crop, on_corrupt=h.on_corrupt,
+                                upscale_small=h.upscale_small)
         raise ValueError(f"unknown data.source {h.source!r}: use synthetic, folder or celeba")
 
     def setup(self, stage: str | None = None) -> None:
