@@ -76,13 +76,13 @@ class ScaleAwareConv2d(nn.Module):
 
     def _shared(self, x: Tensor, w: Tensor) -> Tensor:
         """One scale for the batch: mix once, plain conv."""
-        kernel = torch.einsum("k,koihw->oihw", w, self.weight)
+        kernel = (w @ self.weight.flatten(1)).view(self.weight.shape[1:])
         return F.conv2d(x, kernel.to(x.dtype), (w @ self.bias).to(x.dtype), padding=self.padding)
 
     def _grouped(self, x: Tensor, w: Tensor) -> Tensor:
         """Per-sample kernels through a grouped conv (groups = B)."""
         b, _, h, width = x.shape
-        kernel = torch.einsum("bk,koihw->boihw", w, self.weight).reshape(-1, *self.weight.shape[2:])
+        kernel = (w @ self.weight.flatten(1)).view(-1, *self.weight.shape[2:])  # [B·C_out, C_in, k, k]
         out = F.conv2d(x.reshape(1, -1, h, width), kernel.to(x.dtype), padding=self.padding, groups=b)
         return out.reshape(b, self.out_channels, h, width) + (w @ self.bias).to(x.dtype)[:, :, None, None]
 
