@@ -164,7 +164,7 @@ def training_rows(preset: dict, device: torch.device, compile: bool) -> list[Row
             torch.manual_seed(0)
             net = diffusers_unet(preset) if multires is None else UNet(**unet_kwargs(preset, multires))
             net = net.to(device)
-            net.compile()  # in place, as model.compile does
+            net.compile(dynamic=False)  # in place and static, as model.compile does
             step = train_step(net, batch_inputs(preset, device, scale_mode), bf16=True, device=device,
                               diffusers=multires is None)
             rows.append(Row(f"train {name} bf16 compiled", step, batch, [], eager[f"train {name} bf16"].flops))

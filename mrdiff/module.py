@@ -43,6 +43,7 @@ class DiffusionModule(L.LightningModule):
         nonfinite_loss: Literal["error", "skip"] = "error",  # a NaN/inf loss stops the run, or the step is skipped
         channels_last: bool = False,
         compile: bool = False,  # torch.compile the U-Net
+        compile_mode: str | None = None,  # torch.compile mode, e.g. "max-autotune-no-cudagraphs" on GPUs
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -52,7 +53,11 @@ class DiffusionModule(L.LightningModule):
         if channels_last:
             self.net.to_channels_last()
         if compile:  # in place: parameter names (and so checkpoints) stay those of the plain U-Net
-            self.net.compile(dynamic=True)
+            # Static shapes: training has one patch shape. Dynamic shapes make Inductor fail on this U-Net
+            # (torch 2.14: "cannot determine truth value of Relational" in a stride-2 conv's stride order),
+            # and a static graph per sampling resolution costs a minute of compilation each, so sampling,
+            # calibration and evaluation run the eager forward (eps_fn).
+            self.net.compile(mode=compile_mode, dynamic=False)
         self.skipped_steps = 0
 
     # -- training ------------------------------------------------------------------------------------
@@ -134,7 +139,10 @@ class DiffusionModule(L.LightningModule):
         """ε(x, t) for the samplers, closing over one shared grid and scale."""
 
         def eps(x: Tensor, t: Tensor) -> Tensor:
-            return self(x, t.to(x.device, torch.float32), grid, scale).float()
+            if self.hparams.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # .forward: the eager U-Net even when model.compile compiled its __call__ for training
+            return self.net.forward(x, t.to(x.device, torch.float32), grid, scale).float()
 
         return eps
 
