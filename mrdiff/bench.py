@@ -31,7 +31,7 @@ from mrdiff.diffusion.noiseshift import SearchSettings, calibrate
 from mrdiff.diffusion.samplers import ddim_sample
 from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.nn.coords import canvas_grid, crop_grid
-from mrdiff.nn.unet import UNet
+from mrdiff.nn.unet import Prepared, UNet
 
 PRESETS = {  # U-Net shapes: "cpu" is small enough for a 2-core machine, "celeba" is configs/celeba.yaml
     "cpu": {"base_channels": 64, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2, "attention_levels": (2,),
@@ -180,7 +180,8 @@ def sampling_rows(preset: dict, device: torch.device) -> list[Row]:
 
         def run(res: int = res, grid: torch.Tensor = grid, scale: torch.Tensor = scale) -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
-                ddim_sample(lambda x, t: net(x, t, grid, scale).float(), schedule,
+                prepared = net.prepare(grid, scale)  # as DiffusionModule.eps_fn does
+                ddim_sample(lambda x, t: net(x, t, prepared=prepared).float(), schedule,
                             torch.randn(n, 3, res, res, device=device), steps=50)
 
         rows.append(Row(f"sample DDIM-50 at {res}² bf16", run, n, [], count_flops(run)))
@@ -197,9 +198,12 @@ def calibration_seconds(preset: dict, device: torch.device) -> dict[str, float]:
     for res in preset["resolutions"]:
         grid, scale = canvas_grid(res, res)[None].to(device), torch.tensor([float(res)], device=device)
 
-        def eps(x: torch.Tensor, t: torch.Tensor, grid: torch.Tensor = grid, scale: torch.Tensor = scale):
+        with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
+            prepared = net.prepare(grid, scale)
+
+        def eps(x: torch.Tensor, t: torch.Tensor, prepared: Prepared = prepared) -> torch.Tensor:
             with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
-                return net(x, t, grid, scale).float()
+                return net(x, t, prepared=prepared).float()
 
         images = torch.rand(num_images, 3, res, res, device=device) * 2 - 1
         start = time.perf_counter()

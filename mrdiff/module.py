@@ -136,13 +136,18 @@ class DiffusionModule(L.LightningModule):
 
     # -- sampling ------------------------------------------------------------------------------------
     def eps_fn(self, grid: Tensor | None, scale: Tensor | None) -> EpsFn:
-        """ε(x, t) for the samplers, closing over one shared grid and scale."""
+        """ε(x, t) for the samplers, closing over one shared grid and scale (their features mixed once).
+
+        Call it where the forward passes will run (no_grad, the trainer's precision context), since the
+        prepared conditioning is computed here.
+        """
+        prepared = self.net.prepare(grid, scale)
 
         def eps(x: Tensor, t: Tensor) -> Tensor:
             if self.hparams.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             # .forward: the eager U-Net even when model.compile compiled its __call__ for training
-            return self.net.forward(x, t.to(x.device, torch.float32), grid, scale).float()
+            return self.net.forward(x, t.to(x.device, torch.float32), prepared=prepared).float()
 
         return eps
 

@@ -128,6 +128,24 @@ def test_channels_last_unet_with_safa_gives_the_same_output():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_prepared_conditioning_gives_the_same_output_as_grid_and_scale():
+    torch.manual_seed(0)
+    net = small_unet(coord_frequencies=3, safa_levels=(0, 1, 2), dropout=0.0)
+    for p in net.parameters():  # move off the zero initialisation of output layers
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(3, 3, 32, 48), torch.tensor([3.0, 250.5, 999.0])
+    grid, scale = canvas_grid(32, 48)[None], torch.tensor([math.sqrt(32 * 48)])
+    with torch.no_grad():
+        prepared = net.prepare(grid, scale)
+        assert len(prepared.scale) == 3 * 1 + 3 * 2 + 2  # a kernel per SAFA ResBlock: 1 down, 2 up per level, 2 mid
+        ref = net(x, t, grid, scale)
+        assert torch.allclose(net(x, t, prepared=prepared), ref, atol=1e-6)
+        other = net.prepare(grid, torch.tensor([20.0]))
+        assert not torch.allclose(net(x, t, prepared=other), ref, atol=1e-3)
+    with pytest.raises(ValueError, match="one scale shared by the batch"):
+        net.prepare(grid, torch.tensor([32.0, 48.0]))
+
+
 def test_unet_conditioning_changes_the_output():
     torch.manual_seed(0)
     net = small_unet(coord_frequencies=3, safa_levels=(0,))

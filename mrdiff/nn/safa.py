@@ -32,6 +32,15 @@ SafaMode = Literal["auto", "grouped", "experts", "stacked"]
 STACKED_MAX_POSITIONS = 64  # "auto": feature maps up to 8×8 take the stacked path
 
 
+class MixedKernels(dict):
+    """Kernel and bias of every ScaleAwareConv2d for one fixed scale, mixed once (see UNet.prepare).
+
+    Passed in place of the scale, it makes each layer run a plain conv with its entry: sampling and
+    NoiseShift calibration call the U-Net tens of times at one scale, and re-mixing the K kernel banks
+    on every call is memory traffic worth 5–10% of a forward pass at low resolution.
+    """
+
+
 class ScaleAwareConv2d(nn.Module):
     """Conv2d with kernel Σ_k softmax(MLP(s))_k φ_k; `scale` is [B] (per sample) or [1] (shared)."""
 
@@ -63,7 +72,17 @@ class ScaleAwareConv2d(nn.Module):
         """[B or 1, K] softmax weights for the normalised scale."""
         return torch.softmax(self.mixer(scale.reshape(-1, 1).to(self.weight.dtype)), dim=-1)
 
-    def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+    def mix(self, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """Kernel [C_out, C_in, k, k] and bias [C_out] for one normalised scale ([1] or scalar)."""
+        w = self.mixing_weights(scale)
+        if w.shape[0] != 1:
+            raise ValueError(f"mix takes one scale, got {w.shape[0]}")
+        return (w[0] @ self.weight.flatten(1)).view(self.weight.shape[1:]), w[0] @ self.bias
+
+    def forward(self, x: Tensor, scale: Tensor | MixedKernels) -> Tensor:
+        if isinstance(scale, MixedKernels):
+            kernel, bias = scale[self]
+            return F.conv2d(x, kernel.to(x.dtype), bias.to(x.dtype), padding=self.padding)
         w = self.mixing_weights(scale)
         if w.shape[0] == 1:
             return self._shared(x, w[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrdiff.nn.coords import FourierFeatures
-from mrdiff.nn.safa import SafaMode, ScaleAwareConv2d
+from mrdiff.nn.safa import MixedKernels, SafaMode, ScaleAwareConv2d
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -70,7 +71,7 @@ class ResBlock(nn.Module):
             self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
-    def forward(self, x: Tensor, emb: Tensor, coords: Tensor | None, scale: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, coords: Tensor | None, scale: Tensor | MixedKernels | None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.emb(emb)[:, :, None, None].to(h.dtype)
         if self.coords is not None and coords is not None:
@@ -95,6 +96,14 @@ class Attention(nn.Module):
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
         out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+@dataclass
+class Prepared:
+    """The conditioning of one fixed (grid, scale) for many forward passes: see UNet.prepare."""
+
+    coords: list[Tensor | None]  # Fourier features per level
+    scale: MixedKernels | None  # every SAFA layer's kernel for the scale
 
 
 class Level(nn.Module):
@@ -229,10 +238,28 @@ class UNet(nn.Module):
         scale = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1)
         return torch.log2(scale / self.scale_ref)
 
-    def forward(self, x: Tensor, t: Tensor, grid: Tensor | None = None, scale: Tensor | float | None = None) -> Tensor:
+    def prepare(self, grid: Tensor | None, scale: Tensor | float | None) -> Prepared:
+        """Per-level Fourier features and mixed SAFA kernels for one shared grid and scale, computed once.
+
+        `forward(x, t, prepared=net.prepare(grid, scale))` equals `forward(x, t, grid, scale)`. The samplers
+        and NoiseShift calibration use it: their many calls share the canvas grid and the resolution.
+        """
+        s = self.normalised_scale(scale, next(self.parameters()).device)
+        if s is not None and s.numel() != 1:
+            raise ValueError(f"prepare takes one scale shared by the batch, got {s.numel()}")
+        mixed = None if s is None else MixedKernels(
+            (m, m.mix(s)) for m in self.modules() if isinstance(m, ScaleAwareConv2d))
+        return Prepared(self.level_coords(grid), mixed)
+
+    def forward(
+        self, x: Tensor, t: Tensor, grid: Tensor | None = None, scale: Tensor | float | None = None, *,
+        prepared: Prepared | None = None,
+    ) -> Tensor:
         self.check_size(*x.shape[-2:])
-        coords = self.level_coords(grid)
-        s = self.normalised_scale(scale, x.device)
+        if prepared is not None:
+            coords, s = prepared.coords, prepared.scale
+        else:
+            coords, s = self.level_coords(grid), self.normalised_scale(scale, x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         emb = self.time_embed(timestep_embedding(t, self.base_channels))
         h = self.stem(x)
