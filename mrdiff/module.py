@@ -23,6 +23,42 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class NonFiniteGuard:
+    """Device-side record of non-finite training steps: how many, and the first one's step, loss and inputs.
+
+    Everything stays on the device (torch.where, no .item()), so the training step never waits for the
+    GPU; the host reads the record at logging and checkpoint cadence. The gradients are checked after
+    DDP's all-reduce, so every rank takes the same decision.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.inputs_ok = torch.ones((), dtype=torch.bool, device=device)
+        self._loss, self._inputs_ok = self.loss, self.inputs_ok
+
+    def record_inputs(self, loss: Tensor, images: Tensor) -> None:
+        """Remember this step's loss and whether its batch was finite (used if the step turns out bad)."""
+        self._loss, self._inputs_ok = loss.detach().float(), torch.isfinite(images).all()
+
+    def check_gradients(self, grads: list[Tensor], step: int) -> Tensor:
+        """found_inf (0-dim float, 1.0 = skip) for the optimizer; updates the record."""
+        found = torch.zeros((), device=self.count.device)
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=found.device))
+        bad = found > 0
+        first = bad & (self.step < 0)
+        self.step = torch.where(first, torch.tensor(step, device=self.step.device), self.step)
+        self.loss = torch.where(first, self._loss, self.loss)
+        self.inputs_ok = torch.where(first, self._inputs_ok, self.inputs_ok)
+        self.count = self.count + bad.long()
+        return found
+
+    def first(self) -> tuple[int, float, bool]:
+        return int(self.step), float(self.loss), bool(self.inputs_ok)
+
+
 class DiffusionModule(L.LightningModule):
     """ε-prediction DDPM trained with L_simple on (patch, grid, scale) batches."""
 
@@ -59,6 +95,7 @@ class DiffusionModule(L.LightningModule):
             # calibration and evaluation run the eager forward (eps_fn).
             self.net.compile(mode=compile_mode, dynamic=False)
         self.skipped_steps = 0
+        self._guard: NonFiniteGuard | None = None
 
     # -- training ------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, grid: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
@@ -93,12 +130,47 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss = self.diffusion_loss(batch)
-        if not torch.isfinite(loss):
+        if self._guard is not None:  # no host sync: the fused optimizer skips a non-finite step on the device
+            self._guard.record_inputs(loss, batch["image"])
+        elif not torch.isfinite(loss):
             return self._nonfinite(loss, batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._guard is not None:
+            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+            optimizer.found_inf = self._guard.check_gradients(grads, self.global_step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._guard is not None:
+            self.log("train/skipped_steps", self._guard.count.float())
+            if (self.global_step % max(self.trainer.log_every_n_steps, 1)) == 0:
+                self._report_nonfinite()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._report_nonfinite()  # raises in "error" mode before anything reaches the disk
+
+    def on_train_end(self) -> None:
+        self._report_nonfinite()
+
+    def _report_nonfinite(self) -> None:
+        """The host looks at the device-side record (a sync, at logging and checkpoint cadence only)."""
+        if self._guard is None or not (count := int(self._guard.count)):
+            return
+        step, loss, inputs_ok = self._guard.first()
+        what = f"loss is {loss} at step {step}" + ("" if inputs_ok else "; the input batch has NaN/inf")
+        if self.hparams.nonfinite_loss == "error":
+            raise NonFiniteLossError(
+                f"{what}. That update was skipped and the last saved checkpoint is intact. Lower model.lr, add "
+                f"trainer.gradient_clip_val, or set model.nonfinite_loss=skip to skip such steps (they are counted)."
+            )
+        if count > self.skipped_steps:
+            self.skipped_steps = count
+            print(f"mrdiff: skipped steps with non-finite gradients ({what}); {count} skipped so far")
+
     def _nonfinite(self, loss: Tensor, batch: dict[str, Tensor]) -> None:
+        """The synchronous check, for optimizers that cannot skip a step on the device (gradient clipping)."""
         inputs_ok = bool(torch.isfinite(batch["image"]).all())
         what = f"loss is {loss.item()} at step {self.global_step}"
         what += "" if inputs_ok else "; the input batch has NaN/inf"
@@ -130,6 +202,9 @@ class DiffusionModule(L.LightningModule):
         fused = self.device.type in ("cuda", "cpu") and not clipping
         opt = torch.optim.AdamW(self.net.parameters(), lr=h.lr, betas=tuple(h.betas),
                                 weight_decay=h.weight_decay, fused=fused)
+        # The fused AdamW kernel skips its update where `found_inf` is set: non-finite steps are caught on
+        # the device, with no host sync per step. Other optimizers get the synchronous check.
+        self._guard = NonFiniteGuard(self.device) if fused else None
         warmup = max(h.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

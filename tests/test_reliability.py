@@ -1,5 +1,7 @@
 """Bad input gets a clear error that names the problem and the fix, and nothing is lost."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from mrdiff.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoi
 from mrdiff.cli import main
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.data.images import ImageFolder, load_image
-from mrdiff.module import NonFiniteLossError
+from mrdiff.module import NonFiniteGuard, NonFiniteLossError
 
 # -- data ---------------------------------------------------------------------------------------------
 
@@ -135,6 +137,31 @@ def test_nonfinite_loss_stops_with_step_and_cause_and_keeps_the_checkpoint(tiny_
         main(["fit", "--config", str(config), "--trainer.callbacks+=tests.helpers.PoisonBatch"])
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_fused_adamw_skips_a_nonfinite_step_on_the_device_and_the_guard_records_it():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.1, fused=True)
+    guard = NonFiniteGuard(torch.device("cpu"))
+
+    def step(x, index):
+        loss = net(x).square().sum()
+        guard.record_inputs(loss, x)
+        loss.backward()
+        opt.found_inf = guard.check_gradients([p.grad for p in net.parameters()], index)
+        opt.step()
+        opt.zero_grad()
+
+    step(torch.ones(1, 3), 0)
+    weights, counts = [p.clone() for p in net.parameters()], [opt.state[p]["step"].clone() for p in net.parameters()]
+    step(torch.tensor([[float("nan"), 1.0, 1.0]]), 1)
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters()))  # no update, no weight decay
+    assert all(torch.equal(opt.state[p]["step"], c) for p, c in zip(net.parameters(), counts))  # Adam's t too
+    step(torch.ones(1, 3), 2)
+    assert not torch.equal(weights[0], net.weight)  # finite steps update again
+    first_step, loss, inputs_ok = guard.first()
+    assert int(guard.count) == 1 and first_step == 1 and math.isnan(loss) and not inputs_ok
 
 
 def test_nonfinite_steps_can_be_skipped_and_counted(tiny_config_file, tmp_path, capsys):
