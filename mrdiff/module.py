@@ -77,6 +77,7 @@ class DiffusionModule(L.LightningModule):
         coord_mode: CoordMode = "normalized",  # linked from data.coord_mode: how sampling builds grids
         train_resolution: int = 64,  # side of the training inputs (linked from data): the analytic shift's m
         nonfinite_loss: Literal["error", "skip"] = "error",  # a NaN/inf loss stops the run, or the step is skipped
+        grad_clip_norm: float | None = None,  # clip the global gradient norm here: no host sync, fused AdamW stays
         channels_last: bool = False,
         compile: bool = False,  # torch.compile the U-Net
         compile_mode: str | None = None,  # torch.compile mode, e.g. "max-autotune-no-cudagraphs" on GPUs
@@ -138,9 +139,12 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        params = [p for p in self.net.parameters() if p.grad is not None]
         if self._guard is not None:
-            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-            optimizer.found_inf = self._guard.check_gradients(grads, self.global_step)
+            optimizer.found_inf = self._guard.check_gradients([p.grad for p in params], self.global_step)
+        if self.hparams.grad_clip_norm:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip_norm, foreach=True)
+            self.log("train/grad_norm", norm)  # a device tensor: read at logging cadence
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self._guard is not None:
@@ -197,14 +201,23 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        # fused: one kernel for the whole update; Lightning refuses it with gradient clipping under AMP
-        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        # fused: one kernel for the whole update. Lightning refuses it with trainer.gradient_clip_val under
+        # AMP (model.grad_clip_norm clips here instead), and with a GradScaler (16-mixed) the gradients are
+        # still scaled when model.grad_clip_norm would see them.
+        trainer = self._trainer
+        clipping = trainer is not None and bool(trainer.gradient_clip_val)
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+        if h.grad_clip_norm and (clipping or scaler is not None):
+            raise ValueError(
+                "model.grad_clip_norm cannot be combined with trainer.gradient_clip_val or 16-mixed precision "
+                "(gradients are scaled then): keep one clipping setting, trainer.gradient_clip_val with 16-mixed"
+            )
         fused = self.device.type in ("cuda", "cpu") and not clipping
         opt = torch.optim.AdamW(self.net.parameters(), lr=h.lr, betas=tuple(h.betas),
                                 weight_decay=h.weight_decay, fused=fused)
         # The fused AdamW kernel skips its update where `found_inf` is set: non-finite steps are caught on
         # the device, with no host sync per step. Other optimizers get the synchronous check.
-        self._guard = NonFiniteGuard(self.device) if fused else None
+        self._guard = NonFiniteGuard(self.device) if fused and scaler is None else None
         warmup = max(h.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

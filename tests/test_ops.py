@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
-from mrdiff.cli import main
+from mrdiff.cli import MrdiffCLI, main
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,26 @@ def test_bf16_mixed_fit_on_cpu_with_gradient_clipping(tiny_config_file, tmp_path
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_module_gradient_clipping_matches_lightnings_and_keeps_the_fused_optimizer(tmp_path):
+    """model.grad_clip_norm (fused AdamW, device-side NaN skip) trains like trainer.gradient_clip_val."""
+    runs = {"module": {"model.grad_clip_norm": 0.01}, "lightning": {"trainer.gradient_clip_val": 0.01}, "none": {}}
+    weights = {}
+    for name, overrides in runs.items():
+        config = write_config(tmp_path / f"{name}.yaml", tmp_path / name, **{"trainer.max_steps": 3, **overrides})
+        cli = MrdiffCLI(args=["fit", "--config", str(config)])
+        fused = cli.model.trainer.optimizers[0].defaults["fused"]
+        assert fused == (name != "lightning") and (cli.model._guard is not None) == fused
+        weights[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)[
+            "current_model_state"]
+    for key, value in weights["lightning"].items():
+        assert torch.allclose(weights["module"][key], value, atol=1e-6), key
+    assert any(not torch.allclose(weights["none"][k], v, atol=1e-4) for k, v in weights["lightning"].items())
+    with pytest.raises(ValueError, match="cannot be combined with trainer.gradient_clip_val"):
+        config = write_config(tmp_path / "both.yaml", tmp_path / "both", **{"model.grad_clip_norm": 1.0,
+                                                                           "trainer.gradient_clip_val": 1.0})
+        main(["fit", "--config", str(config)])
 
 
 def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
