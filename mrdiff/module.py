@@ -95,7 +95,8 @@ class DiffusionModule(L.LightningModule):
             # and a static graph per sampling resolution costs a minute of compilation each, so sampling,
             # calibration and evaluation run the eager forward (eps_fn).
             self.net.compile(mode=compile_mode, dynamic=False)
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # non-finite steps skipped so far, this run and the runs it resumes
+        self._skipped_before = 0  # of which in the runs it resumes (from the checkpoint)
         self._guard: NonFiniteGuard | None = None
 
     # -- training ------------------------------------------------------------------------------------
@@ -148,12 +149,16 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self._guard is not None:
-            self.log("train/skipped_steps", self._guard.count.float())
+            self.log("train/skipped_steps", self._guard.count.float() + self._skipped_before)
             if (self.global_step % max(self.trainer.log_every_n_steps, 1)) == 0:
                 self._report_nonfinite()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._report_nonfinite()  # raises in "error" mode before anything reaches the disk
+        checkpoint["mrdiff"] = {"skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = self._skipped_before = int(checkpoint.get("mrdiff", {}).get("skipped_steps", 0))
 
     def on_train_end(self) -> None:
         self._report_nonfinite()
@@ -166,12 +171,12 @@ class DiffusionModule(L.LightningModule):
         what = f"loss is {loss} at step {step}" + ("" if inputs_ok else "; the input batch has NaN/inf")
         if self.hparams.nonfinite_loss == "error":
             raise NonFiniteLossError(
-                f"{what}. That update was skipped and the last saved checkpoint is intact. Lower model.lr, add "
-                f"trainer.gradient_clip_val, or set model.nonfinite_loss=skip to skip such steps (they are counted)."
+                f"{what}. That update was skipped and the last saved checkpoint is intact. Lower model.lr, set "
+                f"model.grad_clip_norm, or set model.nonfinite_loss=skip to skip such steps (they are counted)."
             )
-        if count > self.skipped_steps:
-            self.skipped_steps = count
-            print(f"mrdiff: skipped steps with non-finite gradients ({what}); {count} skipped so far")
+        if self._skipped_before + count > self.skipped_steps:
+            self.skipped_steps = self._skipped_before + count
+            print(f"mrdiff: skipped steps with non-finite gradients ({what}); {self.skipped_steps} skipped so far")
 
     def _nonfinite(self, loss: Tensor, batch: dict[str, Tensor]) -> None:
         """The synchronous check, for optimizers that cannot skip a step on the device (gradient clipping)."""
@@ -180,7 +185,7 @@ class DiffusionModule(L.LightningModule):
         what += "" if inputs_ok else "; the input batch has NaN/inf"
         if self.hparams.nonfinite_loss == "error":
             raise NonFiniteLossError(
-                f"{what}. The last saved checkpoint is intact. Lower model.lr, add trainer.gradient_clip_val, "
+                f"{what}. The last saved checkpoint is intact. Lower model.lr, lower the clipping norm, "
                 f"or set model.nonfinite_loss=skip to skip such steps (they are counted)."
             )
         self.skipped_steps += 1

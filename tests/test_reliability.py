@@ -168,8 +168,15 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tiny_config_file, tmp_path, 
     config = tiny_config_file(**{"model.nonfinite_loss": "skip"})
     main(["fit", "--config", str(config), "--trainer.callbacks+=tests.helpers.PoisonBatch"])
     assert "1 skipped so far" in capsys.readouterr().out
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint(last)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()) and ckpt["mrdiff"]["skipped_steps"] == 1
+    # the count survives a resume and goes on from there
+    poison_later = '{"class_path": "tests.helpers.PoisonBatch", "init_args": {"step": 5}}'
+    main(["fit", "--config", str(config), "--trainer.max_steps=7", f"--trainer.callbacks+={poison_later}",
+          f"--ckpt_path={last}"])
+    assert "2 skipped so far" in capsys.readouterr().out
+    assert load_checkpoint(last)["mrdiff"]["skipped_steps"] == 2
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
