@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from mrdiff.diffusion.noiseshift import SearchSettings, calibrate
-from mrdiff.diffusion.samplers import ddim_sample
-from mrdiff.diffusion.schedule import NoiseSchedule
-from mrdiff.nn.coords import canvas_grid, crop_grid
-from mrdiff.nn.unet import Prepared, UNet
+from mrdiff.diffusion.samplers import ddim_timesteps
+from mrdiff.module import DiffusionModule
+from mrdiff.nn.coords import crop_grid
+from mrdiff.nn.unet import UNet
 
 PRESETS = {  # U-Net shapes: "cpu" is small enough for a 2-core machine, "celeba" is configs/celeba.yaml
     "cpu": {"base_channels": 64, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2, "attention_levels": (2,),
@@ -171,18 +171,19 @@ def training_rows(preset: dict, device: torch.device, compile: bool) -> list[Row
     return rows
 
 
-def sampling_rows(preset: dict, device: torch.device) -> list[Row]:
-    """DDIM-50 images/s per resolution with the multi-resolution U-Net in bf16."""
-    net = UNet(**unet_kwargs(preset, True)).to(device).eval()
-    schedule, rows, n = NoiseSchedule(), [], preset["sample_batch"]
-    for res in preset["resolutions"]:
-        grid, scale = canvas_grid(res, res)[None].to(device), torch.tensor([float(res)], device=device)
+def inference_module(net: UNet, device: torch.device) -> DiffusionModule:
+    """The U-Net inside DiffusionModule, so the rows time the framework's own sampling path."""
+    return DiffusionModule(net, warmup_steps=1).to(device).eval()
 
-        def run(res: int = res, grid: torch.Tensor = grid, scale: torch.Tensor = scale) -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
-                prepared = net.prepare(grid, scale)  # as DiffusionModule.eps_fn does
-                ddim_sample(lambda x, t: net(x, t, prepared=prepared).float(), schedule,
-                            torch.randn(n, 3, res, res, device=device), steps=50)
+
+def sampling_rows(preset: dict, device: torch.device) -> list[Row]:
+    """DDIM-50 images/s per resolution with the multi-resolution U-Net in bf16 (DiffusionModule.sample)."""
+    module, rows, n = inference_module(UNet(**unet_kwargs(preset, True)), device), [], preset["sample_batch"]
+    for res in preset["resolutions"]:
+
+        def run(res: int = res) -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                module.sample(list(range(n)), res, steps=50)
 
         rows.append(Row(f"sample DDIM-50 at {res}² bf16", run, n, [], count_flops(run)))
     return rows
@@ -192,22 +193,14 @@ def calibration_seconds(preset: dict, device: torch.device) -> dict[str, float]:
     """NoiseShift calibration (50 DDIM timesteps, default search windows) seconds per resolution."""
     settings = dict(preset["calibration"])
     num_images = settings.pop("images")
-    net = UNet(**(unet_kwargs(preset, True) | settings)).to(device).eval()
-    schedule, out = NoiseSchedule(), {}
-    timesteps = [int(round(v)) for v in torch.linspace(999, 0, 50).tolist()]
+    module = inference_module(UNet(**(unet_kwargs(preset, True) | settings)), device)
+    timesteps, out = ddim_timesteps(module.schedule.num_timesteps, 50), {}
     for res in preset["resolutions"]:
-        grid, scale = canvas_grid(res, res)[None].to(device), torch.tensor([float(res)], device=device)
-
-        with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
-            prepared = net.prepare(grid, scale)
-
-        def eps(x: torch.Tensor, t: torch.Tensor, prepared: Prepared = prepared) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
-                return net(x, t, prepared=prepared).float()
-
         images = torch.rand(num_images, 3, res, res, device=device) * 2 - 1
         start = time.perf_counter()
-        calibrate(eps, schedule, images, timesteps, SearchSettings(num_images=num_images), progress=False)
+        with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
+            calibrate(module.eps_fn(*module.canvas_inputs(res, res)), module.schedule, images, timesteps,
+                      SearchSettings(num_images=num_images), progress=False)
         out[str(res)] = time.perf_counter() - start
     return out
 

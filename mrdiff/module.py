@@ -49,7 +49,7 @@ class NonFiniteGuard:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=found.device))
         bad = found > 0
         first = bad & (self.step < 0)
-        self.step = torch.where(first, torch.tensor(step, device=self.step.device), self.step)
+        self.step = torch.where(first, step, self.step)  # a Python scalar: no host-to-device copy
         self.loss = torch.where(first, self._loss, self.loss)
         self.inputs_ok = torch.where(first, self._inputs_ok, self.inputs_ok)
         self.count = self.count + bad.long()
@@ -101,9 +101,10 @@ class DiffusionModule(L.LightningModule):
 
     # -- training ------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, grid: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x, t, grid, scale)
+        return self.net(self._layout(x), t, grid, scale)
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     def diffusion_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """L_simple = E‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², t ~ U{0, …, T−1} (DDPM eq. 14)."""
@@ -237,10 +238,8 @@ class DiffusionModule(L.LightningModule):
         prepared = self.net.prepare(grid, scale)
 
         def eps(x: Tensor, t: Tensor) -> Tensor:
-            if self.hparams.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             # .forward: the eager U-Net even when model.compile compiled its __call__ for training
-            return self.net.forward(x, t.to(x.device, torch.float32), prepared=prepared).float()
+            return self.net.forward(self._layout(x), t.to(x.device, torch.float32), prepared=prepared).float()
 
         return eps
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -28,3 +30,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def cache_dir(env: str, name: str) -> Path:
+    """$env if set, else $XDG_CACHE_HOME/mrdiff/<name>, else ~/.cache/mrdiff/<name>."""
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mrdiff" / name
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """First 16 hex digits of the file's SHA-256, computed once per file version (path, size, mtime)."""
+    stat = os.stat(path)
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)[:16]
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from mrdiff.utils import atomic_write
+from mrdiff.utils import atomic_write, cache_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SCAN_CACHE_ENV = "MRDIFF_SCAN_CACHE"
@@ -82,10 +82,8 @@ def decode_error(path: Path) -> str | None:
 
 def scan_cache_path(root: Path) -> Path:
     """$MRDIFF_SCAN_CACHE, else $XDG_CACHE_HOME/mrdiff/scans, else ~/.cache/mrdiff/scans; one file per root."""
-    base = os.environ.get(SCAN_CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
-        "mrdiff" / "scans"
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    return Path(base).expanduser() / f"{root.name}-{digest}.json"
+    return cache_dir(SCAN_CACHE_ENV, "scans") / f"{root.name}-{digest}.json"
 
 
 def _load_verified(cache: Path, root: Path) -> dict[str, list[int]]:

@@ -18,8 +18,6 @@ Hoogeboom et al. 2023).
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import os
@@ -35,7 +33,7 @@ from tqdm.auto import tqdm
 
 from mrdiff.diffusion.samplers import EpsFn, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule
-from mrdiff.utils import atomic_write
+from mrdiff.utils import atomic_write, file_hash
 
 Fallback = Literal["error", "nearest", "identity"]
 _ROUND = 6  # candidates are rounded to 1e-6 timesteps so that near-identical values are scored once
@@ -217,20 +215,7 @@ def calibrate(
 
 
 # -- table -----------------------------------------------------------------------------------------------
-def checkpoint_hash(path: str | os.PathLike[str]) -> str:
-    """First 16 hex digits of the file's SHA-256, read in 1 MiB chunks (once per file version)."""
-    stat = os.stat(path)
-    return _file_hash(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=16)
-def _file_hash(path: str, mtime_ns: int, size: int) -> str:
-    """Hash keyed by (path, mtime, size): sampling or evaluating R resolutions reads the checkpoint once."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+checkpoint_hash = file_hash  # a table records the checkpoint it was calibrated for by this hash
 
 
 def parse_resolution_key(key: str) -> tuple[int, int]:

@@ -16,7 +16,6 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from tqdm import tqdm
 
-from mrdiff.utils import atomic_write
+from mrdiff.utils import atomic_write, cache_dir, file_hash
 
 WEIGHTS_ENV = "MRDIFF_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -72,22 +71,6 @@ def require_weights(path: str | os.PathLike[str] | None = None) -> Path:
         problem = f"Inception weights file {weights} (from the {source}) does not exist"
         raise InceptionWeightsError(weights_help(problem))
     return weights
-
-
-@lru_cache(maxsize=8)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """SHA-256 of a file, memoised on (path, size, mtime)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_hash(path: str | os.PathLike[str]) -> str:
-    """First 16 hex digits of the file's SHA-256 (the weights' identity in cache keys)."""
-    stat = Path(path).stat()
-    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)[:16]
 
 
 def inception(weights: str | os.PathLike[str] | None = None) -> NoTrainInceptionV3:
@@ -247,9 +230,7 @@ class FID(FrechetInceptionDistance):
 # -- cached real statistics ---------------------------------------------------------------------------
 def default_cache_dir() -> Path:
     """$MRDIFF_FID_CACHE, else $XDG_CACHE_HOME/mrdiff/fid, else ~/.cache/mrdiff/fid."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mrdiff" / "fid"
+    return cache_dir(CACHE_ENV, "fid")
 
 
 class RealStatsCache:

@@ -77,26 +77,27 @@ class ScaleAwareConv2d(nn.Module):
         w = self.mixing_weights(scale)
         if w.shape[0] != 1:
             raise ValueError(f"mix takes one scale, got {w.shape[0]}")
-        return (w[0] @ self.weight.flatten(1)).view(self.weight.shape[1:]), w[0] @ self.bias
+        return self._mixed(w[0])
+
+    def _mixed(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Σ_k w_k φ_k and Σ_k w_k b_k for weights [K]."""
+        return (w @ self.weight.flatten(1)).view(self.weight.shape[1:]), w @ self.bias
+
+    def _conv(self, x: Tensor, kernel: Tensor, bias: Tensor) -> Tensor:
+        return F.conv2d(x, kernel.to(x.dtype), bias.to(x.dtype), padding=self.padding)
 
     def forward(self, x: Tensor, scale: Tensor | MixedKernels) -> Tensor:
         if isinstance(scale, MixedKernels):
-            kernel, bias = scale[self]
-            return F.conv2d(x, kernel.to(x.dtype), bias.to(x.dtype), padding=self.padding)
+            return self._conv(x, *scale[self])
         w = self.mixing_weights(scale)
         if w.shape[0] == 1:
-            return self._shared(x, w[0])
+            return self._conv(x, *self._mixed(w[0]))  # one scale for the batch: mix once, plain conv
         if w.shape[0] != x.shape[0]:
             raise ValueError(f"scale has {w.shape[0]} entries for a batch of {x.shape[0]}: give [B] or [1]")
         mode = self.mode
         if mode == "auto":
             mode = "stacked" if x.shape[-2] * x.shape[-1] <= STACKED_MAX_POSITIONS else "grouped"
         return getattr(self, f"_{mode}")(x, w)
-
-    def _shared(self, x: Tensor, w: Tensor) -> Tensor:
-        """One scale for the batch: mix once, plain conv."""
-        kernel = (w @ self.weight.flatten(1)).view(self.weight.shape[1:])
-        return F.conv2d(x, kernel.to(x.dtype), (w @ self.bias).to(x.dtype), padding=self.padding)
 
     def _grouped(self, x: Tensor, w: Tensor) -> Tensor:
         """Per-sample kernels through a grouped conv (groups = B)."""
