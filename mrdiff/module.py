@@ -246,7 +246,8 @@ class DiffusionModule(L.LightningModule):
     def canvas_inputs(self, height: int, width: int) -> tuple[Tensor, Tensor]:
         """Grid of the full canvas ([1, 2, H, W]) and its scale ([1]: √(H·W), the side for a square)."""
         self.net.check_size(height, width)
-        grid = canvas_grid(height, width, self.hparams.coord_mode)[None].to(self.device)
+        grid = canvas_grid(height, width, self.hparams.coord_mode, pixel_unit=self.hparams.train_resolution)
+        grid = grid[None].to(self.device)
         scale = torch.tensor([math.sqrt(height * width)], device=self.device)
         return grid, scale
 

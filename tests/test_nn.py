@@ -18,8 +18,25 @@ def test_crop_grid_holds_exact_normalised_pixel_centres():
     ys = torch.tensor([(2 * (8 + i) + 1) / 64 - 1 for i in range(4)])
     assert torch.allclose(grid[0], xs.expand(4, 3))
     assert torch.allclose(grid[1], ys[:, None].expand(4, 3))
-    pixel = crop_grid(64, 64, 8, 20, 4, 3, mode="pixel")
-    assert pixel[0, 0].tolist() == [20.0, 21.0, 22.0] and pixel[1, :, 0].tolist() == [8.0, 9.0, 10.0, 11.0]
+    # pixel mode: centres in units of a 32-pixel side, whatever the canvas (here 64): x_j = (2j + 1)/32 − 1
+    pixel = crop_grid(64, 64, 8, 20, 4, 3, mode="pixel", pixel_unit=32)
+    assert pixel[0, 0].tolist() == [0.28125, 0.34375, 0.40625]
+    assert pixel[1, :, 0].tolist() == [-0.46875, -0.40625, -0.34375, -0.28125]
+    assert torch.equal(canvas_grid(32, 32, "pixel", pixel_unit=32), canvas_grid(32, 32))  # the two agree at U
+    with pytest.raises(ValueError, match="pixel_unit"):
+        crop_grid(64, 64, 8, 20, 4, 3, mode="pixel")
+
+
+@pytest.mark.parametrize("mode", ["normalized", "pixel"])
+def test_fourier_features_vary_across_a_patch_in_both_coordinate_modes(mode):
+    """Integer pixel indices once made every log-spaced feature constant (sin 2π·k·j = 0): never again."""
+    ff = FourierFeatures(num_frequencies=4, max_frequency=8.0)
+    for canvas in (32, 48, 64):
+        top = left = (canvas - 32) // 2
+        grid = crop_grid(canvas, canvas, top, left, 32, 32, mode=mode, pixel_unit=32)[None]
+        features = ff(grid)[0]
+        spread = features.flatten(1).std(dim=1).view(2, -1).amax(0)  # per frequency: its sin or its cos varies
+        assert (spread > 0.3).all(), f"{mode} at {canvas}: constant frequencies {spread.tolist()}"
 
 
 def test_full_canvas_spans_minus_one_to_one_and_crops_are_sub_grids():
@@ -45,10 +62,15 @@ def test_fourier_features_values_and_antialiasing():
     # channel 1 is sin(2π·2·x), channel 3 is sin(2π·1·y)
     assert torch.allclose(out[0, 1], torch.sin(2 * math.pi * 2 * grid[0, 0]), atol=1e-5)
     assert torch.allclose(out[0, 3], torch.sin(2 * math.pi * grid[0, 1]), atol=1e-5)
+    # antialiasing = the feature averaged over each pixel's footprint: compare with a 64×64 supersampled mean
     damped = FourierFeatures(num_frequencies=3, max_frequency=4.0)(grid)
     spacing = 2 / 8
-    factor = math.exp(-((2 * math.pi * 4 * spacing) ** 2) / 24)  # highest x frequency, σ² = Δ²/12
-    assert torch.allclose(damped[0, 2], out[0, 2] * factor, atol=1e-6)
+    offsets = (torch.arange(64) + 0.5) / 64 - 0.5  # sub-pixel positions across one footprint
+    for channel, (axis, freq) in {0: (0, 1.0), 1: (0, 2.0), 3: (1, 1.0), 4: (1, 2.0)}.items():
+        coord = grid[0, axis][..., None] + spacing * offsets  # [8, 8, 64]
+        numeric = torch.sin(2 * math.pi * freq * coord).mean(-1)
+        assert torch.allclose(damped[0, channel], numeric, atol=2e-3), channel
+    assert torch.allclose(damped[0, 2], torch.zeros(8, 8))  # 4 cycles per unit = 1 per pixel: averages to 0
     assert torch.allclose(grid_spacing(grid), torch.tensor([[spacing, spacing]]))
 
 

@@ -55,7 +55,8 @@ class PatchSampler:
         return top, left
 
     def grid(self, scale: int, top: int, left: int) -> Tensor:
-        return crop_grid(scale, scale, top, left, self.patch_size, self.patch_size, self.coord_mode)
+        return crop_grid(scale, scale, top, left, self.patch_size, self.patch_size, self.coord_mode,
+                         pixel_unit=self.patch_size)
 
     def cut(self, item: Tensor | Scene, scale: int, top: int, left: int) -> Tensor:
         """The patch of `item` rescaled to scale²: rendered for a Scene, resized + cropped for an image."""
@@ -103,7 +104,7 @@ class PatchCollate:
         seeds, items = zip(*batch)
         if self.sampler is None:
             images = torch.stack([prepare_full(it, self.size, self.size) for it in items])
-            grid = crop_grid(self.size, self.size, 0, 0, self.size, self.size, self.coord_mode)
+            grid = crop_grid(self.size, self.size, 0, 0, self.size, self.size, self.coord_mode, pixel_unit=self.size)
             return {"image": images, "grid": grid.expand(len(items), -1, -1, -1).contiguous(),
                     "scale": torch.full((1,), float(self.size))}
         shared = self.sampler.draw_scale(_generator(seeds[0] + 1)) if self.per_batch_scale else None

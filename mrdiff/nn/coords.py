@@ -3,7 +3,10 @@
 A grid is a float tensor [2, h, w] (or batched [B, 2, h, w]): channel 0 is x (grows with the column),
 channel 1 is y (grows with the row, row 0 at the top). In the default "normalized" convention the
 pixel centres of the whole rescaled image span [−1, 1]: x_j = (2j + 1)/W − 1. The "pixel" convention
-uses raw pixel indices instead (an ablation switch).
+(an ablation switch) measures pixel centres in a fixed unit instead of the canvas: x_j = (2j + 1)/U − 1 with
+U the training input side, so both conventions agree on a U×U canvas, while on a larger canvas pixel
+coordinates run past 1 and stay locked to the pixel grid. Raw integer indices would put every log-spaced
+frequency (an integer number of cycles per unit) on a whole period per pixel: sin = 0, cos = 1 everywhere.
 """
 
 from __future__ import annotations
@@ -17,11 +20,16 @@ from torch import Tensor, nn
 CoordMode = Literal["normalized", "pixel"]
 
 
-def axis_coords(start: int, length: int, size: int, mode: CoordMode) -> Tensor:
-    """Coordinates of pixels start … start+length−1 of an axis that is `size` pixels long."""
+def axis_coords(start: int, length: int, size: int, mode: CoordMode, pixel_unit: int | None = None) -> Tensor:
+    """Coordinates of pixels start … start+length−1 of an axis that is `size` pixels long.
+
+    `pixel_unit` (pixel mode only): the number of pixels that spans 2 coordinate units (the training side).
+    """
     index = torch.arange(start, start + length, dtype=torch.float32)
     if mode == "pixel":
-        return index
+        if not pixel_unit or pixel_unit <= 0:
+            raise ValueError("pixel coordinates need pixel_unit: the training input side in pixels")
+        return (2 * index + 1) / pixel_unit - 1
     if mode == "normalized":
         return (2 * index + 1) / size - 1
     raise ValueError(f"unknown coordinate mode {mode!r}: use 'normalized' or 'pixel'")
@@ -29,30 +37,32 @@ def axis_coords(start: int, length: int, size: int, mode: CoordMode) -> Tensor:
 
 def crop_grid(
     canvas_height: int, canvas_width: int, top: int, left: int, height: int, width: int,
-    mode: CoordMode = "normalized",
+    mode: CoordMode = "normalized", pixel_unit: int | None = None,
 ) -> Tensor:
     """[2, height, width] grid of a crop at (top, left) inside a canvas_height × canvas_width image."""
     if top < 0 or left < 0 or top + height > canvas_height or left + width > canvas_width:
         raise ValueError(
             f"crop {height}x{width} at ({top}, {left}) lies outside the {canvas_height}x{canvas_width} canvas"
         )
-    ys = axis_coords(top, height, canvas_height, mode)
-    xs = axis_coords(left, width, canvas_width, mode)
+    ys = axis_coords(top, height, canvas_height, mode, pixel_unit)
+    xs = axis_coords(left, width, canvas_width, mode, pixel_unit)
     return torch.stack(torch.meshgrid(xs, ys, indexing="xy"))
 
 
-def canvas_grid(height: int, width: int, mode: CoordMode = "normalized") -> Tensor:
+def canvas_grid(height: int, width: int, mode: CoordMode = "normalized", pixel_unit: int | None = None) -> Tensor:
     """[2, height, width] grid of a whole canvas (what inference at any resolution uses)."""
-    return crop_grid(height, width, 0, 0, height, width, mode)
+    return crop_grid(height, width, 0, 0, height, width, mode, pixel_unit)
 
 
 class FourierFeatures(nn.Module):
     """γ(g) = [sin 2πBg, cos 2πBg] with B log-spaced per axis or Gaussian (Tancik et al. 2020).
 
-    With `antialias`, each feature is attenuated by exp(−(2πb)²σ²/2), its expectation over a pixel
-    footprint of variance σ² = spacing²/12 (mip-NeRF's integrated encoding), so frequencies a grid
-    cannot resolve fade out instead of aliasing. This keeps the features consistent across resolutions
-    and U-Net levels, which is the point of the method.
+    With `antialias`, each feature is replaced by its average over the pixel footprint (a box of the grid
+    spacing Δ per axis): sin and cos of 2π b·g are scaled by Π_c sinc(b_c Δ_c), exactly, with sinc(u) =
+    sin(πu)/(πu). Frequencies at or above one cycle per pixel on an axis are zeroed instead of flipping
+    sign. Frequencies a level cannot resolve so fade out instead of aliasing, which keeps the features
+    consistent across resolutions and U-Net levels, the point of the method (mip-NeRF's integrated
+    encoding uses a Gaussian footprint for the same purpose).
     """
 
     def __init__(
@@ -91,9 +101,9 @@ class FourierFeatures(nn.Module):
         features = torch.cat([phase.sin(), phase.cos()], dim=1)
         if not self.antialias:
             return features
-        spacing = grid_spacing(grid)  # [B, 2]
-        variance = (omega[None] * spacing[:, None]).pow(2).sum(-1) / 12  # [B, F]: Σ_c (ω_c Δ_c)²/12
-        damp = torch.exp(-variance / 2).repeat(1, 2)
+        cycles = self.matrix.to(grid.dtype)[None] * grid_spacing(grid)[:, None]  # [B, F, 2]: cycles per pixel
+        per_axis = torch.where(cycles.abs() < 1, torch.sinc(cycles), torch.zeros_like(cycles))
+        damp = per_axis.prod(-1).repeat(1, 2)  # [B, 2F]: the same factor for sin and cos
         return features * damp[:, :, None, None]
 
 
