@@ -61,3 +61,18 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> dict[str, 
             f"Use the config the checkpoint was trained with (its run dir holds config.yaml)."
         ) from None
     return ckpt
+
+
+def check_fits(module: torch.nn.Module, path: str | os.PathLike) -> None:
+    """CheckpointError unless the checkpoint's state_dict has the module's keys and shapes (reads, writes nothing)."""
+    state = load_checkpoint(path)["state_dict"]
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    problems = [f"{k} is {found[k]} in the checkpoint, {shape} in the model"
+                for k, shape in expected.items() if k in found and found[k] != shape]
+    problems += [f"{k} is missing from the checkpoint" for k in expected if k not in found]
+    problems += [f"{k} is in the checkpoint but not in the model" for k in found if k not in expected]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {problems[0]}{more}. Use the config "
+                              f"the checkpoint was trained with (its run dir holds config.yaml); nothing was written")

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torchvision.utils import save_image
 
-from mrdiff.checkpoint import AtomicCheckpointIO, load_checkpoint, load_weights
+from mrdiff.callbacks.checkpoint import RunCheckpoint
+from mrdiff.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, load_checkpoint, load_weights
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, checkpoint_hash
 from mrdiff.inference import (
@@ -20,10 +26,14 @@ from mrdiff.inference import (
     checked_resolutions,
     resolution_key,
     run_dir_of,
-    time_conditioning,
+    time_conditionings,
 )
 from mrdiff.loggers import SaveConfig, WandbRun
-from mrdiff.module import DiffusionModule
+from mrdiff.metrics.fid import InceptionWeightsError
+from mrdiff.module import DiffusionModule, NonFiniteLossError
+
+OVERWRITE_ENV = "MRDIFF_OVERWRITE"  # =1: `mrdiff fit` may write over a run dir that holds checkpoints
+DEBUG_ENV = "MRDIFF_DEBUG"  # =1: errors mrdiff knows about show their traceback too
 
 
 class MrdiffTrainer(Trainer):
@@ -38,6 +48,9 @@ class MrdiffTrainer(Trainer):
         for logger in self.loggers:
             if isinstance(logger, WandbRun) and logger.dir_from_trainer:
                 logger.use_run_dir(self.default_root_dir)
+        for callback in self.checkpoint_callbacks:
+            if isinstance(callback, RunCheckpoint):
+                callback.use_run_dir(self.default_root_dir)
 
     def _load_for_inference(self, model: DiffusionModule, ckpt_path: str | None, command: str) -> DiffusionModule:
         if not ckpt_path:
@@ -63,13 +76,13 @@ class MrdiffTrainer(Trainer):
         """Write a PNG grid of `num_samples` samples per resolution; returns their paths."""
         sizes = checked_resolutions(model, resolutions)
         model = self._load_for_inference(model, ckpt_path, "sample")
+        conds = time_conditionings(model, sizes, noiseshift=noiseshift, shift=shift, ckpt_path=ckpt_path)
         out = Path(out_dir) if out_dir else run_dir_of(ckpt_path, self.default_root_dir) / "samples"
         out.mkdir(parents=True, exist_ok=True)
         seeds = list(range(seed, seed + num_samples))
         paths = []
         for height, width in sizes:
-            time_cond = time_conditioning(model, height, width, noiseshift=noiseshift, shift=shift,
-                                          ckpt_path=ckpt_path)
+            time_cond = conds[(height, width)]
             with self.precision_plugin.forward_context():
                 images = model.sample(seeds, height, width, sampler=sampler, steps=steps, eta=eta,
                                       time_cond=time_cond, progress=True)
@@ -110,13 +123,61 @@ class MrdiffTrainer(Trainer):
                                     checkpoint=checkpoint_hash(ckpt_path))
         path = Path(out) if out else run_dir_of(ckpt_path, self.default_root_dir) / "noiseshift.json"
         if path.exists():
-            previous = NoiseShiftTable.load(path, schedule=model.schedule, checkpoint=table.checkpoint)
+            previous = NoiseShiftTable.load(path, schedule=model.schedule, checkpoint=table.checkpoint,
+                                            weights=table.weights)
             previous.merge(table)
             table = previous
         table.save(path)
         plot_table(table, path.with_suffix(".png"))
         print(f"mrdiff: NoiseShift table for {table.resolutions()} written to {path}")
         return path
+
+
+def checkpoint_dirs(trainer: Trainer) -> list[Path]:
+    """The folders the trainer's checkpoint callbacks write to, where known before fit."""
+    return [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+
+
+def existing_checkpoints(trainer: Trainer) -> list[Path]:
+    """Checkpoints a fit into this run dir would write over: the callbacks' *.ckpt and HPC checkpoints."""
+    found = [path for folder in checkpoint_dirs(trainer) for path in sorted(folder.glob("*.ckpt"))]
+    return found + sorted(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+
+
+def resolve_last(trainer: Trainer) -> str | None:
+    """`--ckpt_path last` as a path: the newest last.ckpt of the checkpoint callbacks, whatever the logger.
+
+    None (a new run) only when the run holds no checkpoint at all; CheckpointError when it holds others.
+    """
+    names = [folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+             for folder in checkpoint_dirs(trainer)]
+    found = [path for path in names if path.is_file()]
+    if found:
+        return str(max(found, key=lambda path: path.stat().st_mtime))
+    if not names:
+        raise CheckpointError("--ckpt_path last: no checkpoint callback with a known folder (add "
+                              "mrdiff.callbacks.checkpoint.RunCheckpoint with save_last: true) — pass the path")
+    others = existing_checkpoints(trainer)
+    if others:
+        raise CheckpointError(f"--ckpt_path last: no {names[0].name} in {names[0].parent}, but the run holds "
+                              f"{', '.join(p.name for p in others[:3])}: pass one of them as --ckpt_path")
+    if trainer.is_global_zero:
+        print(f"mrdiff: --ckpt_path last: no checkpoint in {names[0].parent} yet, starting a new run")
+    return None
+
+
+def refuse_to_overwrite(trainer: Trainer) -> None:
+    """A fit that does not resume must not write over a run dir that already holds checkpoints."""
+    if os.environ.get(OVERWRITE_ENV) == "1":
+        return
+    existing = existing_checkpoints(trainer)
+    if existing:
+        raise CheckpointError(
+            f"run dir {trainer.default_root_dir} already holds checkpoints "
+            f"({', '.join(p.name for p in existing[:3])}): resume with --ckpt_path last, start a new run with "
+            f"--trainer.default_root_dir <new dir>, or set {OVERWRITE_ENV}=1 to write over it"
+        )
 
 
 def training_side(multires: bool, patch_size: int, image_size: int, train_size: int | None) -> int:
@@ -147,6 +208,19 @@ class MrdiffCLI(LightningCLI):
         parser.link_arguments(("data.multires", "data.patch_size", "data.image_size", "data.train_size"),
                               "model.train_resolution", compute_fn=training_side)
 
+    def before_fit(self) -> None:
+        """Before anything is written: resolve `--ckpt_path last`, check the checkpoint fits, never overwrite a run."""
+        config = self.config_init[self.config_init.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = config["ckpt_path"] = resolve_last(self.trainer)
+        if ckpt_path is None:
+            ckpt_path = self.trainer._checkpoint_connector._hpc_resume_path  # a requeued SLURM job resumes
+        if ckpt_path is None:
+            refuse_to_overwrite(self.trainer)
+        elif ckpt_path not in ("best", "hpc", "registry"):
+            check_fits(self.model, ckpt_path)
+
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -155,11 +229,55 @@ class MrdiffCLI(LightningCLI):
         super()._parse_ckpt_path()
 
 
-def main(args: list[str] | None = None) -> None:
+KNOWN_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, InceptionWeightsError)
+
+
+def error_line(error: BaseException) -> str | None:
+    """`mrdiff: error: <message>` for the errors mrdiff knows about (and a full disk); None for the others."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" writing {error.filename}" if error.filename else ""
+        return f"mrdiff: error: no space left on the device{where}: free some space and run again"
+    if isinstance(error, KNOWN_ERRORS):
+        return "mrdiff: error: " + " ".join(str(error).split())
+    return None
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def info_logs_to_stdout() -> None:
+    """Lightning's info lines ("GPU available", "Seed set to") go to stdout: stderr keeps warnings and errors."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+                handler.setStream(sys.stdout)
+                handler.addFilter(_BelowWarning())
+                warnings_handler = logging.StreamHandler(sys.stderr)
+                warnings_handler.setLevel(logging.WARNING)
+                logger.addHandler(warnings_handler)
+
+
+def main(args: list[str] | None = None, *, exit_on_error: bool | None = None) -> None:
+    """The `mrdiff` command. From the command line (args None) a known error is one line on stderr, exit 2,
+    unless MRDIFF_DEBUG=1; called with args (from Python) errors propagate as exceptions."""
     torch.set_float32_matmul_precision("high")
     # mid-epoch resume is exact here (MultiResDataModule.state_dict skips the batches already seen)
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-    MrdiffCLI(args=args)
+    if exit_on_error is None:
+        exit_on_error = args is None
+    if exit_on_error:
+        info_logs_to_stdout()
+    try:
+        MrdiffCLI(args=args)
+    except Exception as error:
+        line = error_line(error) if exit_on_error and os.environ.get(DEBUG_ENV) != "1" else None
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mrdiff.diffusion.noiseshift import AnalyticShift, NoiseShiftTable, checkpoint_hash
+from mrdiff.diffusion.noiseshift import AnalyticShift, NoiseShiftTable, checkpoint_hash, weights_hash
 from mrdiff.diffusion.samplers import TimeCond
 from mrdiff.module import DiffusionModule
 
@@ -47,15 +47,26 @@ def time_conditioning(
     model: DiffusionModule, height: int, width: int, *, noiseshift: str | None, shift: str, ckpt_path: str | None,
 ) -> TimeCond | None:
     """What the sampler feeds the network instead of t: a NoiseShift table, the analytic shift, or t itself."""
+    return time_conditionings(model, [(height, width)], noiseshift=noiseshift, shift=shift,
+                              ckpt_path=ckpt_path)[(height, width)]
+
+
+def time_conditionings(
+    model: DiffusionModule, sizes: list[tuple[int, int]], *, noiseshift: str | None, shift: str,
+    ckpt_path: str | None,
+) -> dict[tuple[int, int], TimeCond | None]:
+    """time_conditioning for every size, checked all before any sampling starts (one table load).
+
+    With a checkpoint the table must name the model's weights (as loaded from that checkpoint).
+    """
     if noiseshift and shift != "none":
         raise ValueError("give either --noiseshift (a calibrated table) or --shift analytic, not both")
     if noiseshift:
         table = NoiseShiftTable.load(noiseshift, schedule=model.schedule,
-                                     checkpoint=checkpoint_hash(ckpt_path) if ckpt_path else None)
-        return table.time_cond(height, width)
+                                     checkpoint=checkpoint_hash(ckpt_path) if ckpt_path else None,
+                                     weights=weights_hash(model) if ckpt_path else None)
+        return {(h, w): table.time_cond(h, w) for h, w in sizes}
     if shift == "analytic":
-        return AnalyticShift(model.schedule, train_pixels=model.hparams.train_resolution**2,
-                             sample_pixels=height * width)
-    return None
-
-
+        return {(h, w): AnalyticShift(model.schedule, train_pixels=model.hparams.train_resolution**2,
+                                      sample_pixels=h * w) for h, w in sizes}
+    return {size: None for size in sizes}

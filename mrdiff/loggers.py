@@ -67,10 +67,13 @@ class WandbRun(WandbLogger):
 
 
 class SaveConfig(SaveConfigCallback):
-    """Writes the resolved config to <run dir>/config.yaml (overwritten on requeue) and sends it to W&B."""
+    """Writes the fit's resolved config to <run dir>/config.yaml (overwritten on requeue) and sends it to W&B.
+
+    Only `fit` writes it: `test`, `validate` and `predict` leave the fit's config.yaml as it is.
+    """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.already_saved:
+        if self.already_saved or stage != "fit":
             return
         if trainer.is_global_zero:
             run_dir = Path(trainer.default_root_dir)

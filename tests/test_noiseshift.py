@@ -24,6 +24,7 @@ from mrdiff.diffusion.noiseshift import (
     SearchSettings,
     calibrate,
     checkpoint_hash,
+    weights_hash,
 )
 from mrdiff.diffusion.samplers import EpsFn, TimeCond, ddim_sample, ddim_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
@@ -210,7 +211,45 @@ def test_load_rejects_other_schedule_and_checkpoint(tmp_path: Path) -> None:
         NoiseShiftTable.load(path, checkpoint="0000000000000000")
     NoiseShiftTable.load(path, checkpoint=None)  # no hash to compare: accepted
     small_table(checkpoint=None).save(path)
-    NoiseShiftTable.load(path, checkpoint="0000000000000000")  # table without hash: accepted
+    NoiseShiftTable.load(path)  # nothing to compare on either side: accepted
+    with pytest.raises(ValueError, match=r"t\.json does not name the weights .* recalibrate"):
+        NoiseShiftTable.load(path, checkpoint="0000000000000000")  # a table that names no weights: refused
+
+
+def test_weights_hash_names_the_weights_and_the_table_checks_it(tmp_path: Path) -> None:
+    net = torch.nn.Linear(3, 2)
+    same = torch.nn.Linear(3, 2)
+    same.load_state_dict(net.state_dict())
+    assert weights_hash(net) == weights_hash(same) and len(weights_hash(net)) == 16
+    with torch.no_grad():
+        same.bias[0] += 1e-6
+    assert weights_hash(net) != weights_hash(same)
+    path = tmp_path / "t.json"
+    table = small_table(checkpoint=None)
+    table.weights = weights_hash(net)
+    table.save(path)
+    assert json.loads(path.read_text())["weights"] == weights_hash(net)
+    NoiseShiftTable.load(path, weights=weights_hash(net), checkpoint="ffffffffffffffff")  # weights decide
+    with pytest.raises(ValueError, match=f"weights {weights_hash(net)} but the model's weights hash is "
+                                         f"{weights_hash(same)}"):
+        NoiseShiftTable.load(path, weights=weights_hash(same))
+
+
+@pytest.mark.parametrize(("resolution", "message"), [
+    ({"t_hat": [0, float("nan"), 999]}, "t_hat holds non-finite"),
+    ({"loss_t": [1.0, float("inf"), 0.2]}, "loss_t holds non-finite"),
+    ({"t_hat": [0, 600, 400]}, "t_hat must be non-decreasing"),
+    ({"t_hat": [0, 400]}, "equally long"),
+    ({"t_hat": [0, 400, 1200]}, r"t_hat spans 0.0..1200.0, outside \[0, 999\]"),
+    ({"t": [-5, 500, 999]}, r"t spans -5.0..999.0, outside"),
+])
+def test_load_rejects_impossible_tables_naming_the_file(tmp_path: Path, resolution, message) -> None:
+    doc = small_table().to_dict()
+    doc["resolutions"]["32"] = {**doc["resolutions"]["32"], **resolution}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))  # json writes NaN / Infinity, as a hand-edited or buggy table can hold
+    with pytest.raises(ValueError, match=f"bad.json is malformed .*resolution 32.*{message}"):
+        NoiseShiftTable.load(path)
 
 
 def test_checkpoint_hash(tmp_path: Path) -> None:

@@ -19,7 +19,18 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def use_run_dir(self, run_dir: str) -> None:
+        """Set the default dirpath early (MrdiffTrainer.__init__), before Lightning resolves `--ckpt_path last`."""
         if self.dirpath is None:
-            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+            self.dirpath = os.path.realpath(os.path.join(run_dir, "checkpoints"))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.use_run_dir(trainer.default_root_dir)
         super().setup(trainer, pl_module, stage)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """last.ckpt always holds the final weights (Lightning skips it when any checkpoint was saved before)."""
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)

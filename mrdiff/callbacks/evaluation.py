@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure, log_table
 from mrdiff.diffusion.samplers import TimeCond
-from mrdiff.inference import parse_resolution, resolution_key, run_dir_of, time_conditioning
+from mrdiff.inference import parse_resolution, resolution_key, run_dir_of, time_conditionings
 from mrdiff.metrics.fid import (
     FID,
     RealStatsCache,
@@ -267,9 +267,9 @@ class ResolutionEvaluation(L.Callback):
         ckpt = str(trainer.ckpt_path) if stage == "test" and trainer.ckpt_path else None
         table = EvalTable([resolution_key(h, w) for h, w in self.resolutions], self.variants(),
                           settings=self._settings(trainer, pl_module, stage, ckpt))
-        conds = {(v, hw): time_conditioning(pl_module, *hw, noiseshift=v.noiseshift, shift=v.shift,
-                                            ckpt_path=ckpt)
-                 for v in table.variants for hw in self.resolutions}  # a bad table fails before sampling
+        conds = {(v, hw): cond for v in table.variants  # a bad table fails before sampling
+                 for hw, cond in time_conditionings(pl_module, self.resolutions, noiseshift=v.noiseshift,
+                                                    shift=v.shift, ckpt_path=ckpt).items()}
         if not (self._fid_on(trainer) or self._structure_on(trainer)):
             if trainer.is_global_zero:
                     print("mrdiff: ResolutionEvaluation has nothing to measure (no FID, structure off); skipped")

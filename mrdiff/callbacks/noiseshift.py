@@ -13,7 +13,7 @@ import torch
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure
 from mrdiff.data.datamodule import MultiResDataModule
-from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, calibrate
+from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, calibrate, weights_hash
 from mrdiff.diffusion.samplers import ddim_timesteps
 from mrdiff.inference import parse_resolution
 from mrdiff.module import DiffusionModule
@@ -35,9 +35,12 @@ def calibrate_model(
     checkpoint: str | None = None,
     progress: bool = True,
 ) -> NoiseShiftTable:
-    """A table with one calibration per resolution, on data images prepared at that resolution."""
+    """A table with one calibration per resolution, on data images prepared at that resolution.
+
+    The table names the weights it was calibrated for (weights_hash of the model as it is now).
+    """
     table = NoiseShiftTable.new(model.schedule, checkpoint=checkpoint, settings=settings,
-                                data=datamodule.describe())
+                                data=datamodule.describe(), weights=weights_hash(model))
     was_training = model.training
     model.eval()
     try:
@@ -81,7 +84,9 @@ def plot_table(table: NoiseShiftTable, path: Path) -> Path:
 class NoiseShiftCalibration(L.Callback):
     """Calibrates the configured resolutions with EMA weights at the end of fit (and every N epochs).
 
-    Writes <run dir>/noiseshift.json and noiseshift.png, and logs the plot to the logger.
+    Writes <run dir>/noiseshift.json and noiseshift.png, and logs the plot to the logger. The table names
+    the weights it was calibrated for: at the end of fit those of the final last.ckpt (RunCheckpoint saves
+    it in on_train_end, which runs before on_fit_end), so `--noiseshift` accepts it with that checkpoint only.
     """
 
     def __init__(

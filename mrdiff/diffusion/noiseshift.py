@@ -18,6 +18,7 @@ Hoogeboom et al. 2023).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -79,8 +80,21 @@ class Calibration:
         lengths = {len(self.t), len(self.t_hat), len(self.loss_t), len(self.loss_t_hat)}
         if len(lengths) != 1 or not self.t:
             raise ValueError(f"calibration lists must be non-empty and equally long, got lengths {lengths}")
+        for name, values in asdict(self).items():
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"calibration {name} holds non-finite values (NaN/inf)")
         if any(b <= a for a, b in zip(self.t, self.t[1:], strict=False)):
             raise ValueError("calibration timesteps must be strictly increasing")
+        if any(b < a for a, b in zip(self.t_hat, self.t_hat[1:], strict=False)):
+            raise ValueError("calibration t_hat must be non-decreasing in t")
+
+    def check_range(self, num_timesteps: int) -> None:
+        """t and t̂ must lie in [0, T−1] of the schedule the table was made for."""
+        for name in ("t", "t_hat"):
+            values = getattr(self, name)
+            if min(values) < 0 or max(values) > num_timesteps - 1:
+                raise ValueError(f"calibration {name} spans {min(values)}..{max(values)}, outside "
+                                 f"[0, {num_timesteps - 1}]")
 
     def to_dict(self) -> dict[str, list[float]]:
         """Plain lists for JSON."""
@@ -92,9 +106,10 @@ class Calibration:
         if not isinstance(data, dict):
             raise ValueError(f"calibration entry must be an object, got {type(data).__name__}")
         try:
-            return cls(**{k: [float(v) for v in data[k]] for k in ("t", "t_hat", "loss_t", "loss_t_hat")})
-        except (KeyError, TypeError) as err:
+            fields = {k: [float(v) for v in data[k]] for k in ("t", "t_hat", "loss_t", "loss_t_hat")}
+        except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"calibration entry is malformed ({err!r})") from err
+        return cls(**fields)
 
 
 def _timesteps_descending(timesteps: Sequence[int], num_timesteps: int) -> list[int]:
@@ -218,6 +233,20 @@ def calibrate(
 checkpoint_hash = file_hash  # a table records the checkpoint it was calibrated for by this hash
 
 
+def weights_hash(module: torch.nn.Module) -> str:
+    """First 16 hex digits of a SHA-256 over the module's state_dict (names, dtypes, shapes, bytes).
+
+    Names the weights a table was calibrated for whatever file holds them: the end-of-fit table and the
+    final last.ckpt (EMA weights in both) give the same hash.
+    """
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        tensor = value.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def parse_resolution_key(key: str) -> tuple[int, int]:
     """(H, W) from "64" (square) or "96x128" (H x W)."""
     parts = key.split("x")
@@ -271,14 +300,15 @@ class NoiseShiftTable:
         self,
         *,
         schedule: dict[str, Any],  # NoiseSchedule.describe() of the schedule the table was made for
-        checkpoint: str | None,  # checkpoint_hash of the model, or None
+        checkpoint: str | None,  # checkpoint_hash of the checkpoint file, or None
         settings: dict[str, Any],  # search settings (asdict(SearchSettings))
         data: dict[str, Any],  # where the x_0 images came from (free-form)
         calibrations: dict[str, Calibration],
+        weights: str | None = None,  # weights_hash of the model calibrated, or None
     ) -> None:
         if "num_timesteps" not in schedule:
             raise ValueError("schedule description lacks num_timesteps: pass NoiseSchedule.describe()")
-        self.schedule, self.checkpoint = dict(schedule), checkpoint
+        self.schedule, self.checkpoint, self.weights = dict(schedule), checkpoint, weights
         self.settings, self.data = dict(settings), dict(data)
         self.calibrations: dict[str, Calibration] = {}
         for key, cal in calibrations.items():
@@ -292,9 +322,10 @@ class NoiseShiftTable:
         checkpoint: str | None = None,
         settings: SearchSettings | None = None,
         data: dict[str, Any] | None = None,
+        weights: str | None = None,
     ) -> NoiseShiftTable:
         """Empty table for a live schedule and search settings."""
-        return cls(schedule=schedule.describe(), checkpoint=checkpoint,
+        return cls(schedule=schedule.describe(), checkpoint=checkpoint, weights=weights,
                    settings=asdict(settings or SearchSettings()), data=data or {}, calibrations={})
 
     @staticmethod
@@ -307,6 +338,10 @@ class NoiseShiftTable:
     def add(self, key: str, calibration: Calibration) -> None:
         """Store (or replace) the calibration of resolution `key`."""
         h, w = parse_resolution_key(key)
+        try:
+            calibration.check_range(int(self.schedule["num_timesteps"]))
+        except ValueError as err:
+            raise ValueError(f"resolution {key}: {err}") from None
         self.calibrations[self.resolution_key(h, w)] = calibration
 
     def merge(self, other: NoiseShiftTable) -> None:
@@ -316,10 +351,10 @@ class NoiseShiftTable:
                 f"cannot merge tables for different schedules: ({_describe_schedule(self.schedule)}) "
                 f"vs ({_describe_schedule(other.schedule)})"
             )
-        if None not in (self.checkpoint, other.checkpoint) and self.checkpoint != other.checkpoint:
-            raise ValueError(
-                f"cannot merge tables for different checkpoints: {self.checkpoint} vs {other.checkpoint}"
-            )
+        for name in ("checkpoint", "weights"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if None not in (mine, theirs) and mine != theirs:
+                raise ValueError(f"cannot merge tables for different {name}: {mine} vs {theirs}")
         for key, cal in other.calibrations.items():
             self.add(key, cal)
 
@@ -337,6 +372,7 @@ class NoiseShiftTable:
             "format_version": self.FORMAT_VERSION,
             "schedule": self.schedule,
             "checkpoint": self.checkpoint,
+            "weights": self.weights,
             "settings": self.settings,
             "data": self.data,
             "resolutions": {k: self.calibrations[k].to_dict() for k in self.resolutions()},
@@ -353,9 +389,14 @@ class NoiseShiftTable:
         path: str | os.PathLike[str],
         *,
         schedule: NoiseSchedule | None = None,  # if given, the table must have been made for it
-        checkpoint: str | None = None,  # if given (and stored), the hashes must match
+        checkpoint: str | None = None,  # checkpoint_hash of the model's checkpoint file
+        weights: str | None = None,  # weights_hash of the model
     ) -> NoiseShiftTable:
-        """Read a table, checking format version, schedule and checkpoint with actionable errors."""
+        """Read a table, checking format version, values, schedule and weights with actionable errors.
+
+        When `checkpoint` or `weights` is given the table must name the same weights (its `weights`, else its
+        `checkpoint` hash); a table that names neither is refused then.
+        """
         doc = _read_json(Path(path))
         table = _table_from_doc(cls, doc, path)
         if schedule is not None and table.schedule != schedule.describe():
@@ -364,12 +405,25 @@ class NoiseShiftTable:
                 f"but the model uses ({_describe_schedule(schedule.describe())}): recalibrate for this "
                 "schedule or load the table made for it"
             )
-        if None not in (checkpoint, table.checkpoint) and checkpoint != table.checkpoint:
-            raise ValueError(
-                f"NoiseShift table {path} was calibrated for checkpoint {table.checkpoint} but the model's "
-                f"checkpoint hash is {checkpoint}: recalibrate for this checkpoint or load its table"
-            )
+        table.check_weights(path, checkpoint=checkpoint, weights=weights)
         return table
+
+    def check_weights(self, path: object, *, checkpoint: str | None, weights: str | None) -> None:
+        """Refuse a table made for other weights, or one that names none when the model's are known."""
+        if weights is not None and self.weights is not None:
+            mine, theirs, what = self.weights, weights, "weights"
+        elif checkpoint is not None and self.checkpoint is not None:
+            mine, theirs, what = self.checkpoint, checkpoint, "checkpoint"
+        elif weights is not None or checkpoint is not None:
+            raise ValueError(f"NoiseShift table {path} does not name the weights it was calibrated for (a table "
+                             "from an older mrdiff): recalibrate it with `mrdiff calibrate` for this checkpoint")
+        else:
+            return
+        if mine != theirs:
+            raise ValueError(
+                f"NoiseShift table {path} was calibrated for {what} {mine} but the model's {what} hash is "
+                f"{theirs}: recalibrate for this checkpoint or load its table"
+            )
 
     def _nearest(self, height: int, width: int) -> str:
         """Present resolution whose pixel count is closest (by ratio) to height·width."""
@@ -420,9 +474,14 @@ def _table_from_doc(cls: type[NoiseShiftTable], doc: dict[str, Any], path: objec
         raise ValueError(f"NoiseShift table {path} is malformed (missing or invalid: {bad}): "
                          "delete it and recalibrate")
     try:
-        cals = {k: Calibration.from_dict(v) for k, v in doc["resolutions"].items()}
-        return cls(schedule=doc["schedule"], checkpoint=doc["checkpoint"], settings=doc["settings"] or {},
-                   data=doc["data"] or {}, calibrations=cals)
+        cals = {}
+        for key, entry in doc["resolutions"].items():
+            try:
+                cals[key] = Calibration.from_dict(entry)
+            except ValueError as err:
+                raise ValueError(f"resolution {key}: {err}") from err
+        return cls(schedule=doc["schedule"], checkpoint=doc["checkpoint"], weights=doc.get("weights"),
+                   settings=doc["settings"] or {}, data=doc["data"] or {}, calibrations=cals)
     except (ValueError, TypeError) as err:
         raise ValueError(f"NoiseShift table {path} is malformed ({err}): delete it and recalibrate") from err
 
