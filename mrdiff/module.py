@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mrdiff.checkpoint import load_weights
 from mrdiff.data.sampling import item_seed
 from mrdiff.diffusion.samplers import SAMPLERS, EpsFn, PerSampleNoise, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule, ScheduleKind
@@ -81,10 +82,15 @@ class DiffusionModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,  # torch.compile the U-Net
         compile_mode: str | None = None,  # torch.compile mode, e.g. "max-autotune-no-cudagraphs" on GPUs
+        init_weights: str | None = None,  # warm start: a checkpoint or exported weights file (EMA weights)
+        loss_weighting: Literal["uniform", "min_snr"] = "uniform",  # min_snr: Hang et al. 2023, weight min(SNR, γ)/SNR
+        snr_gamma: float = 5.0,  # γ of min_snr
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
+        if init_weights:  # before compile and EMA: the averaged copy starts from these weights
+            load_weights(self, init_weights)
         self.schedule = NoiseSchedule(kind=schedule, num_timesteps=num_timesteps,
                                       beta_start=beta_start, beta_end=beta_end)
         if channels_last:
@@ -107,13 +113,23 @@ class DiffusionModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     def diffusion_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        """L_simple = E‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², t ~ U{0, …, T−1} (DDPM eq. 14)."""
+        """L_simple = E‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², t ~ U{0, …, T−1} (DDPM eq. 14).
+
+        With loss_weighting="min_snr", sample i's term is weighted by min(SNR_t, γ)/SNR_t (Min-SNR-γ for
+        ε-prediction, Hang et al. 2023): low-noise steps, whose ε is nearly unpredictable and whose errors
+        barely move x̂_0, stop dominating the gradient.
+        """
         x0 = batch["image"]
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.schedule.q_sample(x0, t, noise)
         eps = self(x_t, t.float(), batch.get("grid"), batch.get("scale"))
-        return F.mse_loss(eps.float(), noise.float())
+        if self.hparams.get("loss_weighting", "uniform") == "uniform":
+            return F.mse_loss(eps.float(), noise.float())
+        per_sample = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+        snr = self.schedule.gather(self.schedule.alphas_cumprod, t, per_sample).float()
+        snr = snr / (1 - snr)
+        return (per_sample * snr.clamp(max=self.hparams.snr_gamma) / snr).mean()
 
     def setup(self, stage: str) -> None:
         """Fail before training if the data's inputs cannot go through this U-Net."""

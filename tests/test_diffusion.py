@@ -125,3 +125,28 @@ def test_per_sample_noise_does_not_depend_on_batch_composition():
     alone = PerSampleNoise(seeds[2:3])
     part = ddpm_sample(eps, s, alone.randn((1, 4, 4)), noise=alone)
     assert torch.allclose(full[2:3], part, atol=1e-6)
+
+
+def test_min_snr_weighting_downweights_only_low_noise_steps():
+    """Min-SNR-γ: weight min(SNR, γ)/SNR per sample; with a constant-error ε the loss is the mean weight."""
+    from mrdiff.module import DiffusionModule
+
+    class Zero(torch.nn.Module):  # ε̂ = 0: every sample's squared error is E[ε²] ≈ 1
+        stem = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x, t, grid=None, scale=None, prepared=None):
+            return torch.zeros_like(x)
+
+    batch = {"image": torch.zeros(4096, 3, 4, 4)}
+    uniform = DiffusionModule(Zero(), warmup_steps=1)
+    weighted = DiffusionModule(Zero(), warmup_steps=1, loss_weighting="min_snr", snr_gamma=5.0)
+    a = uniform.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    b = weighted.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    alphas_cumprod = uniform.schedule.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    expected_weight = float(np.mean(np.minimum(snr, 5.0) / snr))  # t uniform over the schedule
+    assert float(a) == pytest.approx(1.0, abs=0.02)
+    assert float(b) == pytest.approx(expected_weight, rel=0.05)
+    assert 0.85 < expected_weight < 0.95  # linear schedule: SNR > 5 for about the first 13% of timesteps
+    huge = DiffusionModule(Zero(), warmup_steps=1, loss_weighting="min_snr", snr_gamma=1e9)
+    assert float(huge.diffusion_loss(batch, torch.Generator().manual_seed(0))) == pytest.approx(float(a), rel=1e-6)

@@ -232,6 +232,12 @@ def _scan(images: torch.Tensor, min_area_frac: float) -> tuple[list[list[Sun]], 
     return suns, torch.cat(horizon).numpy()
 
 
+def sun_counts(images: torch.Tensor, min_area_frac: float = 1e-4) -> np.ndarray:
+    """[N] number of detected suns per image (for intervals on the rates and means of structure_score)."""
+    suns, _ = _scan(_as_batch(images), min_area_frac)
+    return np.array([len(s) for s in suns], dtype=np.int64)
+
+
 def structure_score(
     images: torch.Tensor,
     *,

@@ -1,0 +1,359 @@
+"""The synthetic-scenes Table 1: train the model matrix, evaluate every model at every resolution, report.
+
+    python -m mrdiff.evidence [--train] [--models fixed,multires,...] [--out results/evidence]
+
+Models (configs/evidence/<name>.yaml over configs/evidence/base.yaml, base resolution R = 32): a
+fixed-resolution DDPM trained on whole scenes at R, the multi-resolution model (R² patches of scenes
+rendered at s ∈ {R} ∪ U[R, 2R], coordinates + SAFA) and its ablations. Each trained model is exported as
+fp16 EMA weights with what is needed to rebuild it (`models/evidence/<name>.pt`); existing exports are
+reused, so evaluation alone needs no training.
+
+Rows per model: plain, + NoiseShift (calibrated here on held-out renders), + analytic shift; plus
+"fixed + upsample" (the fixed model's samples at R, bicubic-upsampled) and the ground-truth renders
+themselves, which give each metric's ceiling at each resolution. Columns: resolutions. Every rate carries
+a Wilson 95% interval, every mean a bootstrap 95% interval. The report (Markdown, JSON, figure) is written
+by this run, with the machine, the versions and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from mrdiff.callbacks.noiseshift import sampler_timesteps
+from mrdiff.data.synthetic import render_canvas, sample_scene
+from mrdiff.diffusion.noiseshift import AnalyticShift, SearchSettings, calibrate
+from mrdiff.inference import parse_resolution, resolution_key
+from mrdiff.metrics.detail import bootstrap_interval, detail_report, wilson_interval
+from mrdiff.metrics.structure import reference_radii, structure_score, sun_counts
+from mrdiff.module import DiffusionModule
+from mrdiff.nn.unet import UNet
+
+MODELS = ("fixed", "multires", "no_coords", "no_safa", "pixel")
+LABELS = {"fixed": "fixed-resolution DDPM", "multires": "multi-resolution (coords + SAFA)",
+          "no_coords": "multi-res, no coordinates", "no_safa": "multi-res, no SAFA", "pixel": "multi-res, pixel coords"}
+CONFIGS = Path("configs/evidence")
+HELD_OUT_SEED = 10**7  # scenes for references and calibration: never in the training set (seeds < 10^6)
+T_BUCKETS = ((0, 100), (100, 300), (300, 600), (600, 900), (900, 1000))
+
+
+# -- models -------------------------------------------------------------------------------------------
+def train(name: str, run_root: Path, extra: list[str]) -> Path:
+    """`mrdiff fit` of one model of the matrix; returns the run's last.ckpt."""
+    run = run_root / name
+    cmd = [sys.executable, "-m", "mrdiff", "fit", "--config", str(CONFIGS / "base.yaml"),
+           "--config", str(CONFIGS / f"{name}.yaml"), f"--trainer.default_root_dir={run}", *extra]
+    print("mrdiff evidence: " + shlex.join(cmd[2:]), flush=True)
+    start = time.time()
+    subprocess.run(cmd, check=True)
+    (run / "train_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
+    return run / "checkpoints" / "last.ckpt"
+
+
+def export(ckpt_path: Path, out: Path, command: str, wall_seconds: float | None) -> Path:
+    """fp16 EMA weights plus the U-Net and module settings: a few MB that rebuild the model anywhere."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    config = yaml.safe_load((ckpt_path.parent.parent / "config.yaml").read_text())
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k not in ("net", "_instantiator", "init_weights")}
+    payload = {
+        "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()},
+        "net": config["model"]["net"]["init_args"], "module": hparams, "data": config["data"],
+        "global_step": ckpt["global_step"], "command": command, "train_seconds": wall_seconds,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, out)
+    return out
+
+
+def load_model(path: Path, device: torch.device) -> tuple[DiffusionModule, dict]:
+    """Rebuild a model exported by `export` (fp32 weights on `device`, eval mode)."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    module = DiffusionModule(UNet(**payload["net"]), **payload["module"])
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+    return module.to(device).eval(), payload
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    resolutions: list[tuple[int, int]]
+    num_samples: int = 400
+    steps: int = 50  # DDIM steps
+    batch_size: int = 400
+    calibration_images: int = 32
+    num_reference: int = 1000  # ground-truth renders per resolution (spectra, colours)
+    figure_samples: int = 6
+    variants: tuple[str, ...] = ("plain", "noiseshift", "analytic")
+    extra: dict = field(default_factory=dict)
+
+
+def references(height: int, width: int, num: int) -> torch.Tensor:
+    return torch.stack([render_canvas(sample_scene(HELD_OUT_SEED + i), height, width) for i in range(num)])
+
+
+def generate(model: DiffusionModule, height: int, width: int, settings: Settings, time_cond=None) -> torch.Tensor:
+    """num_samples DDIM samples on the model's device in bf16 (GPU) or fp32 (CPU), returned on the CPU."""
+    out, seeds = [], list(range(settings.num_samples))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
+    for start in range(0, len(seeds), settings.batch_size):
+        with autocast:
+            out.append(model.sample(seeds[start:start + settings.batch_size], height, width, steps=settings.steps,
+                                    time_cond=time_cond).float().cpu())
+    return torch.cat(out)
+
+
+def noiseshift_cond(model: DiffusionModule, height: int, width: int, settings: Settings) -> tuple[object, dict]:
+    """NoiseShift calibrated at (height, width) on held-out renders; returns time_cond and the table."""
+    from mrdiff.diffusion.noiseshift import Calibration, InterpolatedTimeCond
+
+    images = references(height, width, settings.calibration_images).to(model.device)
+    timesteps = sampler_timesteps(model.schedule.num_timesteps, "ddim", settings.steps)
+    search = SearchSettings(num_images=settings.calibration_images, coarse_stride=0.02, fine_window=0.02,
+                            fine_stride=0.004, max_batch=1024)
+    grid, scale = model.canvas_inputs(height, width)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
+    with torch.no_grad(), autocast:
+        calibration: Calibration = calibrate(model.eps_fn(grid, scale), model.schedule, images, timesteps, search,
+                                             progress=False)
+    cond = InterpolatedTimeCond(np.array(calibration.t), np.array(calibration.t_hat), model.schedule.num_timesteps)
+    return cond, calibration.to_dict()
+
+
+def cell_metrics(images: torch.Tensor, reference: torch.Tensor, radii: list[float], key: str) -> dict[str, float]:
+    """Structure (one-sun rate with a Wilson interval, mean suns with a bootstrap interval) and detail."""
+    score = structure_score(images, reference_radii=radii, resolution=key)
+    counts = sun_counts(images).astype(float)
+    ones = int((counts == 1).sum())
+    lo, hi = wilson_interval(ones, len(counts))
+    n_lo, n_hi = bootstrap_interval(counts)
+    return {"one_sun_rate": ones / len(counts), "one_sun_rate_lo": lo, "one_sun_rate_hi": hi,
+            "mean_num_suns": float(counts.mean()), "mean_num_suns_lo": n_lo, "mean_num_suns_hi": n_hi,
+            "radius_error": score.radius_error, **detail_report(images, reference)}
+
+
+def eps_mse_by_bucket(model: DiffusionModule, reference: torch.Tensor, seed: int = 0) -> dict[str, dict[str, float]]:
+    """ε-MSE and x̂0-MSE per timestep bucket on held-out renders (what separates undertraining from a defect)."""
+    x0 = reference[:64].to(model.device)
+    grid, scale = model.canvas_inputs(*x0.shape[-2:])
+    eps = model.eps_fn(grid, scale)
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    with torch.no_grad():
+        for lo, hi in T_BUCKETS:
+            t = torch.randint(lo, hi, (x0.shape[0],), generator=gen).to(model.device)
+            noise = torch.randn(x0.shape, generator=gen).to(model.device)
+            x_t = model.schedule.q_sample(x0, t, noise)
+            e = eps(x_t, t.float())
+            ab = model.schedule.gather(model.schedule.alphas_cumprod, t, x0).float()
+            x0_hat = (x_t - (1 - ab).sqrt() * e) / ab.sqrt()
+            out[f"{lo}-{hi}"] = {"eps_mse": float((e - noise).pow(2).mean()),
+                                 "x0_mse": float((x0_hat - x0).pow(2).mean())}
+    return out
+
+
+def upsample(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return F.interpolate(images, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def evaluate(models: dict[str, Path], settings: Settings, device: torch.device, out: Path) -> dict:
+    """Every (row, resolution) cell; rows are (model, variant), 'fixed + upsample' and 'ground truth'."""
+    radii = reference_radii(1000)
+    refs = {hw: references(*hw, settings.num_reference) for hw in settings.resolutions}
+    cells: dict[str, dict[str, dict]] = {}
+    figure: dict[str, dict[str, torch.Tensor]] = {}
+    diagnostics: dict[str, dict] = {}
+    tables: dict[str, dict] = {}
+    for hw in settings.resolutions:
+        key = resolution_key(*hw)
+        gt = refs[hw][: settings.num_samples]
+        cells.setdefault("ground truth", {})[key] = cell_metrics(gt, refs[hw], radii, key)
+        figure.setdefault("ground truth", {})[key] = gt[: settings.figure_samples]
+    for name, path in models.items():
+        model, payload = load_model(path, device)
+        train_side = model.hparams.train_resolution
+        diagnostics[name] = {"global_step": payload["global_step"], "train_seconds": payload.get("train_seconds"),
+                             "command": payload.get("command"), "eps_mse": {}}
+        for hw in settings.resolutions:
+            key = resolution_key(*hw)
+            diagnostics[name]["eps_mse"][key] = eps_mse_by_bucket(model, refs[hw])
+            for variant in settings.variants:
+                start = time.time()
+                if variant == "plain":
+                    cond = None
+                elif variant == "analytic":
+                    cond = AnalyticShift(model.schedule, train_pixels=train_side**2, sample_pixels=hw[0] * hw[1])
+                else:
+                    cond, tables.setdefault(name, {})[key] = noiseshift_cond(model, *hw, settings)
+                samples = generate(model, *hw, settings, cond)
+                row = name if variant == "plain" else f"{name} + {variant}"
+                cells.setdefault(row, {})[key] = cell_metrics(samples, refs[hw], radii, key)
+                cells[row][key]["seconds"] = time.time() - start
+                figure.setdefault(row, {})[key] = samples[: settings.figure_samples]
+                print(f"mrdiff evidence: {row} at {key}: one-sun {cells[row][key]['one_sun_rate']:.3f}, "
+                      f"spectrum {cells[row][key]['spectrum_distance']:.3f} ({time.time() - start:.1f} s)", flush=True)
+        if name == "fixed":
+            base = generate(model, train_side, train_side, settings)
+            for hw in settings.resolutions:
+                if hw[0] * hw[1] > train_side**2:
+                    key = resolution_key(*hw)
+                    up = upsample(base, *hw)
+                    cells.setdefault("fixed + upsample", {})[key] = cell_metrics(up, refs[hw], radii, key)
+                    figure.setdefault("fixed + upsample", {})[key] = up[: settings.figure_samples]
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"cells": cells, "diagnostics": diagnostics, "noiseshift": tables, "figure": figure}
+
+
+# -- report -------------------------------------------------------------------------------------------
+METRICS = (("one_sun_rate", "one-sun rate ↑ (ground truth: the data's own rate)", "{:.2f}"),
+           ("mean_num_suns", "suns per image (ground truth: 1)", "{:.2f}"),
+           ("spectrum_distance", "power-spectrum distance to ground truth ↓ (mean |Δ log10 power|)", "{:.3f}"),
+           ("neighbour_difference", "neighbour difference (speckle; compare with ground truth)", "{:.3f}"),
+           ("sky_red", "sky red, top quarter (compare with ground truth)", "{:.2f}"))
+
+
+def _fmt(cell: dict | None, metric: str, pattern: str) -> str:
+    if not cell or metric not in cell or not math.isfinite(cell[metric]):
+        return "–"
+    lo, hi = cell.get(f"{metric}_lo", math.nan), cell.get(f"{metric}_hi", math.nan)
+    value = pattern.format(cell[metric])
+    return value if not math.isfinite(lo) else f"{value} [{pattern.format(lo)}, {pattern.format(hi)}]"
+
+
+def markdown(result: dict) -> str:
+    meta, cells = result["meta"], result["cells"]
+    columns = [resolution_key(*hw) for hw in meta["resolutions"]]
+    lines = [f"Written by `{meta['command']}` on {meta['device']} (torch {meta['torch']}) in "
+             f"{meta['wall_seconds'] / 60:.1f} min. {meta['num_samples']} samples per cell, DDIM-{meta['steps']}, "
+             f"seeds 0..{meta['num_samples'] - 1}; intervals are 95% (Wilson for rates, bootstrap for means). "
+             f"Trained at R = {meta['base_resolution']}.", ""]
+    for metric, title, pattern in METRICS:
+        lines += [f"**{title}**", "", "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        for row, by_res in cells.items():
+            lines.append(f"| {row} | " + " | ".join(_fmt(by_res.get(c), metric, pattern) for c in columns) + " |")
+        lines.append("")
+    lines += ["**Training and ε-MSE per timestep bucket at R (held-out renders; x̂0-MSE in brackets)**", ""]
+    buckets = [f"{lo}-{hi}" for lo, hi in T_BUCKETS]
+    lines += ["| model | steps | train min | " + " | ".join(buckets) + " |", "|---|---:|---:|" + "---:|" * len(buckets)]
+    base = resolution_key(meta["base_resolution"], meta["base_resolution"])
+    for name, diag in result["diagnostics"].items():
+        mse = diag["eps_mse"].get(base, {})
+        minutes = f"{diag['train_seconds'] / 60:.1f}" if diag.get("train_seconds") else "–"
+        lines.append(f"| {name} | {diag['global_step']} | {minutes} | " + " | ".join(
+            f"{mse[b]['eps_mse']:.4f} ({mse[b]['x0_mse']:.3g})" if b in mse else "–" for b in buckets) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_figure(figure: dict[str, dict[str, torch.Tensor]], columns: list[str], path: Path) -> None:
+    """Rows = models and variants, columns = resolutions; each cell a strip of samples at its true size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    rows = list(figure)
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(3.2 * len(columns), 1.1 * len(rows) + 0.6),
+                             squeeze=False)
+    for i, row in enumerate(rows):
+        for j, col in enumerate(columns):
+            ax = axes[i][j]
+            ax.set_xticks([]), ax.set_yticks([])
+            if col in figure[row]:
+                strip = make_grid(figure[row][col] * 0.5 + 0.5, nrow=len(figure[row][col]), padding=1, pad_value=1)
+                ax.imshow(strip.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            else:
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+            if j == 0:
+                ax.set_ylabel(row, rotation=0, ha="right", va="center", fontsize=8)
+            if i == 0:
+                ax.set_title(col, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    figure = result.pop("figure")
+    columns = [resolution_key(*hw) for hw in result["meta"]["resolutions"]]
+    save_figure(figure, columns, out / "samples.png")
+    (out / "table.json").write_text(json.dumps(result, indent=1))
+    (out / "table.md").write_text(markdown(result))
+    print(f"mrdiff evidence: wrote {out}/table.md, table.json and samples.png")
+
+
+# -- command ------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mrdiff.evidence", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    p.add_argument("--weights", default="models/evidence", help="exported weights (<name>.pt), read or written")
+    p.add_argument("--train", action="store_true", help="train the models whose weights are missing")
+    p.add_argument("--runs", default="runs/evidence", help="run dirs of the fits --train starts")
+    p.add_argument("--fit-args", default="", help="extra `mrdiff fit` arguments for --train, e.g. "
+                                                  "'--trainer.max_time=00:00:30:00'")
+    p.add_argument("--out", default="results/evidence")
+    p.add_argument("--resolutions", default="24,32,48,64,32x64", help="R = 32: below R, R, 1.5R, 2R, R x 2R")
+    p.add_argument("--num-samples", type=int, default=400)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=400)
+    p.add_argument("--calibration-images", type=int, default=32)
+    p.add_argument("--num-reference", type=int, default=1000)
+    p.add_argument("--variants", default="plain,noiseshift,analytic")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.time()
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"mrdiff: error: unknown evidence models {unknown}: choose from {', '.join(MODELS)}")
+    weights = {n: Path(args.weights) / f"{n}.pt" for n in names}
+    for name, path in weights.items():
+        if path.is_file():
+            continue
+        if not args.train:
+            raise SystemExit(f"mrdiff: error: no weights at {path}: pass --train to train {name} "
+                             f"(or --weights pointing at exported models)")
+        run_start = time.time()
+        ckpt = train(name, Path(args.runs), shlex.split(args.fit_args))
+        command = (f"mrdiff fit --config {CONFIGS}/base.yaml --config {CONFIGS}/{name}.yaml "
+                   f"--trainer.default_root_dir={Path(args.runs) / name} {args.fit_args}").strip()
+        export(ckpt, path, command, time.time() - run_start)
+    device = torch.device(args.device)
+    settings = Settings(resolutions=[parse_resolution(r) for r in args.resolutions.split(",")],
+                        num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size,
+                        calibration_images=args.calibration_images, num_reference=args.num_reference,
+                        variants=tuple(v.strip() for v in args.variants.split(",")))
+    result = evaluate(weights, settings, device, Path(args.out))
+    first = torch.load(next(iter(weights.values())), map_location="cpu", weights_only=False)
+    result["meta"] = {
+        "command": "python -m mrdiff.evidence " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "wall_seconds": time.time() - start,
+        "resolutions": settings.resolutions, "num_samples": settings.num_samples, "steps": settings.steps,
+        "base_resolution": first["module"]["train_resolution"], "models": {n: str(p) for n, p in weights.items()},
+    }
+    write_report(result, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
