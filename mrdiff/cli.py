@@ -185,6 +185,11 @@ def training_side(multires: bool, patch_size: int, image_size: int, train_size: 
     return patch_size if multires else (train_size or image_size)
 
 
+def training_scales(multires: bool, s_min: int, s_max: int, image_size: int, train_size: int | None) -> list[int]:
+    """[smallest, largest] canvas side the model saw in training: [s_min, s_max], or the fixed size twice."""
+    return [s_min, s_max] if multires else [train_size or image_size] * 2
+
+
 class MrdiffCLI(LightningCLI):
     """LightningCLI for DiffusionModule + MultiResDataModule with mrdiff's extra subcommands."""
 
@@ -205,6 +210,8 @@ class MrdiffCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.coord_mode", "model.coord_mode")
+        parser.link_arguments(("data.multires", "data.s_min", "data.s_max", "data.image_size", "data.train_size"),
+                              "model.train_scales", compute_fn=training_scales)
         parser.link_arguments(("data.multires", "data.patch_size", "data.image_size", "data.train_size"),
                               "model.train_resolution", compute_fn=training_side)
 

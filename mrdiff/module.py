@@ -77,6 +77,7 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: int = 1000,  # linear learning-rate warm-up
         coord_mode: CoordMode = "normalized",  # linked from data.coord_mode: how sampling builds grids
         train_resolution: int = 64,  # side of the training inputs (linked from data): the analytic shift's m
+        train_scales: list[int] | None = None,  # [min, max] canvas side seen in training (linked from data)
         nonfinite_loss: Literal["error", "skip"] = "error",  # a NaN/inf loss stops the run, or the step is skipped
         grad_clip_norm: float | None = None,  # clip the global gradient norm here: no host sync, fused AdamW stays
         channels_last: bool = False,
@@ -262,10 +263,22 @@ class DiffusionModule(L.LightningModule):
     def canvas_inputs(self, height: int, width: int) -> tuple[Tensor, Tensor]:
         """Grid of the full canvas ([1, 2, H, W]) and its scale ([1]: √(H·W), the side for a square)."""
         self.net.check_size(height, width)
+        self.warn_outside_training_scales(height, width)
         grid = canvas_grid(height, width, self.hparams.coord_mode, pixel_unit=self.hparams.train_resolution)
         grid = grid[None].to(self.device)
         scale = torch.tensor([math.sqrt(height * width)], device=self.device)
         return grid, scale
+
+    def warn_outside_training_scales(self, height: int, width: int) -> bool:
+        """Say once per size when a canvas is larger than any the model was trained on (tiling is likely there)."""
+        scales, side = self.hparams.get("train_scales"), max(height, width)
+        warned = self.__dict__.setdefault("_scale_warnings", set())
+        if not scales or side <= max(scales) or (height, width) in warned:
+            return False
+        warned.add((height, width))
+        print(f"mrdiff: warning: sampling {height}x{width}, larger than the canvases this model was trained on "
+              f"({scales[0]}..{scales[1]} px): expect repeated structure (several suns, tiled horizons) there")
+        return True
 
     @torch.no_grad()
     def sample(

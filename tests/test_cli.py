@@ -39,6 +39,18 @@ def test_every_config_instantiates(config, monkeypatch, tmp_path):
     assert cli.datamodule.hparams.source in ("synthetic", "folder", "celeba")
 
 
+@pytest.mark.parametrize("model", ["fixed", "multires", "no_coords", "no_safa", "pixel"])
+def test_evidence_matrix_configs_build_the_model_they_name(model):
+    base, overlay = ROOT / "configs/evidence/base.yaml", ROOT / f"configs/evidence/{model}.yaml"
+    cli = MrdiffCLI(args=["--config", str(base), "--config", str(overlay), "--trainer.logger=false"], run=False)
+    net, data = cli.model.net, cli.datamodule.hparams
+    assert (net.coords is not None) == (model not in ("fixed", "no_coords"))
+    assert net.uses_scale == (model not in ("fixed", "no_safa"))
+    assert data.multires == (model != "fixed") and data.coord_mode == ("pixel" if model == "pixel" else "normalized")
+    assert cli.model.hparams.train_scales == ([32, 32] if model == "fixed" else [32, 64])
+    assert cli.model.hparams.train_resolution == 32
+
+
 def test_fit_then_sample_at_three_resolutions(tiny_config_file, tmp_path):
     config = tiny_config_file()
     main(["fit", "--config", str(config)])

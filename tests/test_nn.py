@@ -187,3 +187,15 @@ def test_unet_rejects_bad_sizes_and_levels_clearly():
         small_unet(attention_levels=(3,))
     with pytest.raises(ValueError, match="pass grid="):
         small_unet(coord_frequencies=2)(torch.randn(1, 3, 32, 32), torch.tensor([1.0]))
+
+
+def test_sampling_outside_the_trained_scales_warns_once(capsys):
+    from mrdiff.module import DiffusionModule
+
+    net = UNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), head_channels=8)
+    module = DiffusionModule(net, train_scales=[32, 64], warmup_steps=1)
+    assert not module.warn_outside_training_scales(64, 64) and not module.warn_outside_training_scales(48, 32)
+    assert module.warn_outside_training_scales(64, 128) and not module.warn_outside_training_scales(64, 128)
+    out = capsys.readouterr().out
+    assert out.count("warning") == 1 and "64x128" in out and "32..64" in out
+    assert not DiffusionModule(net, warmup_steps=1).warn_outside_training_scales(512, 512)  # unknown: silent
