@@ -345,9 +345,10 @@ def main(argv: list[str] | None = None) -> None:
                         variants=tuple(v.strip() for v in args.variants.split(",")))
     result = evaluate(weights, settings, device, Path(args.out))
     first = torch.load(next(iter(weights.values())), map_location="cpu", weights_only=False)
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result["meta"] = {
         "command": "python -m mrdiff.evidence " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "torch": torch.__version__, "wall_seconds": time.time() - start,
         "resolutions": settings.resolutions, "num_samples": settings.num_samples, "steps": settings.steps,
         "base_resolution": first["module"]["train_resolution"], "models": {n: str(p) for n, p in weights.items()},

@@ -1,0 +1,68 @@
+"""Detail metrics and intervals of the evidence report (mrdiff.metrics.detail)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrdiff.data.synthetic import render_canvas, sample_scene
+from mrdiff.metrics.detail import (
+    bootstrap_interval,
+    neighbour_difference,
+    radial_power_spectrum,
+    sky_colour,
+    spectrum_distance,
+    wilson_interval,
+)
+
+
+def test_wilson_interval_matches_the_closed_form_values():
+    lo, hi = wilson_interval(50, 100)  # p = 0.5, n = 100: 0.5 ± 0.0962 (Wilson 1927, z = 1.96)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    lo, hi = wilson_interval(0, 20)  # no successes: the lower end is 0 and the upper end is z²/(n + z²)
+    assert lo == 0.0 and hi == pytest.approx(1.96**2 / (20 + 1.96**2), rel=1e-3)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_bootstrap_interval_covers_the_mean_at_about_its_standard_error():
+    values = np.random.default_rng(0).normal(3.0, 2.0, size=400)
+    lo, hi = bootstrap_interval(values)
+    half = 1.96 * 2.0 / math.sqrt(400)  # 0.196
+    assert lo < values.mean() < hi and (hi - lo) / 2 == pytest.approx(half, rel=0.15)
+
+
+def test_spectrum_puts_a_sinusoid_in_its_frequency_bin():
+    size, cycles = 32, 8  # 8 cycles over 32 pixels = 0.25 cycles per pixel
+    x = torch.arange(size, dtype=torch.float64)
+    wave = torch.sin(2 * math.pi * cycles * x / size).expand(size, size)
+    images = wave.expand(1, 3, size, size).float()
+    spectrum = radial_power_spectrum(images)[0]  # 16 bins of 1/32 c/px over (0, 0.5]
+    assert spectrum.argmax() == 7  # (7/32, 8/32] holds 0.25
+    assert spectrum[7] / spectrum.sum() > 0.99
+
+
+def test_an_upsampled_image_lacks_the_ground_truths_high_frequencies():
+    scenes = [sample_scene(i) for i in range(96)]
+    truth = torch.stack([render_canvas(s, 64, 64) for s in scenes])
+    low = torch.stack([render_canvas(s, 32, 32) for s in scenes])
+    upsampled = F.interpolate(low, size=(64, 64), mode="bicubic", antialias=True, align_corners=False)
+    again = torch.stack([render_canvas(sample_scene(1000 + i), 64, 64) for i in range(96)])
+    ref = radial_power_spectrum(truth)
+    other_scenes = spectrum_distance(radial_power_spectrum(again), ref)  # same statistics: 0.023 measured
+    assert other_scenes < 0.05
+    assert spectrum_distance(radial_power_spectrum(upsampled), ref) > 4 * other_scenes  # 0.134 measured
+    noisy = (truth + 0.2 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    assert neighbour_difference(noisy).mean() > 3 * neighbour_difference(truth).mean()
+
+
+def test_neighbour_difference_and_sky_colour_of_known_images():
+    flat = torch.full((2, 3, 8, 8), 0.25)
+    assert np.allclose(neighbour_difference(flat), 0.0)
+    stripes = torch.zeros(1, 3, 8, 8)
+    stripes[..., ::2] = 1.0  # columns alternate 1, 0: |dx| = 1 everywhere, |dy| = 0
+    assert neighbour_difference(stripes)[0] == pytest.approx(0.5)
+    image = torch.zeros(1, 3, 8, 8)
+    image[:, 0, :2] = -0.5  # top quarter (2 rows) red at −0.5
+    assert sky_colour(image)[0].tolist() == pytest.approx([-0.5, 0.0, 0.0])
