@@ -214,3 +214,20 @@ def test_truncated_foreign_and_missing_checkpoints_are_clear_errors(tiny_config_
     other = tiny_config_file(**{"model.net.init_args.base_channels": 8})
     with pytest.raises(CheckpointError, match="does not fit this model"):
         main(["sample", "--config", str(other), f"--ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}"])
+
+
+def test_atomic_writes_respect_the_umask_like_a_plain_open(tmp_path):
+    """mkstemp's 0600 hid checkpoints and tables from the rest of a project group on a cluster."""
+    import os
+
+    from mrdiff.utils import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        with atomic_write(tmp_path / "last.ckpt") as f:
+            f.write(b"x")
+        (tmp_path / "plain").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == 0o640
