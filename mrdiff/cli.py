@@ -74,6 +74,8 @@ class MrdiffTrainer(Trainer):
         out_dir: str | None = None,  # default: <run dir>/samples
     ) -> list[Path]:
         """Write a PNG grid of `num_samples` samples per resolution; returns their paths."""
+        if num_samples < 1:
+            raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
         sizes = checked_resolutions(model, resolutions)
         model = self._load_for_inference(model, ckpt_path, "sample")
         conds = time_conditionings(model, sizes, noiseshift=noiseshift, shift=shift, ckpt_path=ckpt_path)

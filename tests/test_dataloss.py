@@ -217,6 +217,8 @@ BAD_INPUTS = {  # name: (arguments, the message it must print)
     "truncated checkpoint": ([*SAMPLE, "--ckpt_path={truncated}"], "truncated or corrupt"),
     "sample without checkpoint": (SAMPLE, "needs a trained model: pass --ckpt_path"),
     "missing table": ([*SAMPLE, LAST, "--noiseshift={run}/none.json"], "none.json does not exist"),
+    "no samples asked for": ([*SAMPLE, LAST, "--num_samples=0"], "--num_samples must be at least 1"),
+    "resolution with a missing width": ([*SAMPLE, LAST, '--resolutions=["64x"]'], "is neither N nor HxW"),
 }
 
 
