@@ -25,7 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +35,13 @@ import yaml
 
 from mrdiff.callbacks.noiseshift import sampler_timesteps
 from mrdiff.data.synthetic import render_canvas, sample_scene
-from mrdiff.diffusion.noiseshift import AnalyticShift, SearchSettings, calibrate
+from mrdiff.diffusion.noiseshift import AnalyticShift, Calibration, InterpolatedTimeCond, SearchSettings, calibrate
 from mrdiff.inference import parse_resolution, resolution_key
 from mrdiff.metrics.detail import bootstrap_interval, detail_report, wilson_interval
 from mrdiff.metrics.structure import reference_radii, structure_score, sun_counts
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.unet import UNet
+from mrdiff.utils import atomic_write
 
 MODELS = ("fixed", "multires", "no_coords", "no_safa", "pixel")
 LABELS = {"fixed": "fixed-resolution DDPM", "multires": "multi-resolution (coords + SAFA)",
@@ -73,8 +74,8 @@ def export(ckpt_path: Path, out: Path, command: str, wall_seconds: float | None)
         "net": config["model"]["net"]["init_args"], "module": hparams, "data": config["data"],
         "global_step": ckpt["global_step"], "command": command, "train_seconds": wall_seconds,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, out)
+    with atomic_write(out) as f:  # a killed export leaves the previous weights intact
+        torch.save(payload, f)
     return out
 
 
@@ -97,7 +98,6 @@ class Settings:
     num_reference: int = 1000  # ground-truth renders per resolution (spectra, colours)
     figure_samples: int = 6
     variants: tuple[str, ...] = ("plain", "noiseshift", "analytic")
-    extra: dict = field(default_factory=dict)
 
 
 def references(height: int, width: int, num: int) -> torch.Tensor:
@@ -117,8 +117,6 @@ def generate(model: DiffusionModule, height: int, width: int, settings: Settings
 
 def noiseshift_cond(model: DiffusionModule, height: int, width: int, settings: Settings) -> tuple[object, dict]:
     """NoiseShift calibrated at (height, width) on held-out renders; returns time_cond and the table."""
-    from mrdiff.diffusion.noiseshift import Calibration, InterpolatedTimeCond
-
     images = references(height, width, settings.calibration_images).to(model.device)
     timesteps = sampler_timesteps(model.schedule.num_timesteps, "ddim", settings.steps)
     search = SearchSettings(num_images=settings.calibration_images, coarse_stride=0.02, fine_window=0.02,
@@ -168,7 +166,7 @@ def upsample(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(images, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
-def evaluate(models: dict[str, Path], settings: Settings, device: torch.device, out: Path) -> dict:
+def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) -> dict:
     """Every (row, resolution) cell; rows are (model, variant), 'fixed + upsample' and 'ground truth'."""
     radii = reference_radii(1000)
     refs = {hw: references(*hw, settings.num_reference) for hw in settings.resolutions}
@@ -343,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                         num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size,
                         calibration_images=args.calibration_images, num_reference=args.num_reference,
                         variants=tuple(v.strip() for v in args.variants.split(",")))
-    result = evaluate(weights, settings, device, Path(args.out))
+    result = evaluate(weights, settings, device)
     first = torch.load(next(iter(weights.values())), map_location="cpu", weights_only=False)
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result["meta"] = {

@@ -105,6 +105,7 @@ class DiffusionModule(L.LightningModule):
         self.skipped_steps = 0  # non-finite steps skipped so far, this run and the runs it resumes
         self._skipped_before = 0  # of which in the runs it resumes (from the checkpoint)
         self._guard: NonFiniteGuard | None = None
+        self._scale_warnings: set[tuple[int, int]] = set()  # sizes already warned about (sampling)
 
     # -- training ------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, grid: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
@@ -125,7 +126,7 @@ class DiffusionModule(L.LightningModule):
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.schedule.q_sample(x0, t, noise)
         eps = self(x_t, t.float(), batch.get("grid"), batch.get("scale"))
-        if self.hparams.get("loss_weighting", "uniform") == "uniform":
+        if self.hparams.loss_weighting == "uniform":
             return F.mse_loss(eps.float(), noise.float())
         per_sample = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
         snr = self.schedule.gather(self.schedule.alphas_cumprod, t, per_sample).float()
@@ -272,10 +273,9 @@ class DiffusionModule(L.LightningModule):
     def warn_outside_training_scales(self, height: int, width: int) -> bool:
         """Say once per size when a canvas is larger than any the model was trained on (tiling is likely there)."""
         scales, side = self.hparams.get("train_scales"), max(height, width)
-        warned = self.__dict__.setdefault("_scale_warnings", set())
-        if not scales or side <= max(scales) or (height, width) in warned:
+        if not scales or side <= max(scales) or (height, width) in self._scale_warnings:
             return False
-        warned.add((height, width))
+        self._scale_warnings.add((height, width))
         print(f"mrdiff: warning: sampling {height}x{width}, larger than the canvases this model was trained on "
               f"({scales[0]}..{scales[1]} px): expect repeated structure (several suns, tiled horizons) there")
         return True
