@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         raise SystemExit(f"mrdiff: error: unknown evidence models {unknown}: choose from {', '.join(MODELS)}")
+    if (Path(args.out) / "table.json").exists():
+        raise SystemExit(f"mrdiff: error: {args.out} already holds a report (table.json): pass another --out "
+                         f"or move it away; reports are never overwritten")
     weights = {n: Path(args.weights) / f"{n}.pt" for n in names}
     for name, path in weights.items():
         if path.is_file():

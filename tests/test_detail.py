@@ -66,3 +66,12 @@ def test_neighbour_difference_and_sky_colour_of_known_images():
     image = torch.zeros(1, 3, 8, 8)
     image[:, 0, :2] = -0.5  # top quarter (2 rows) red at −0.5
     assert sky_colour(image)[0].tolist() == pytest.approx([-0.5, 0.0, 0.0])
+
+
+def test_evidence_never_overwrites_an_earlier_report(tmp_path):
+    from mrdiff.evidence import main
+
+    (tmp_path / "table.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds a report"):
+        main(["--out", str(tmp_path), "--models", "fixed"])
+    assert (tmp_path / "table.json").read_text() == "{}"
