@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -31,6 +31,7 @@ from mrdiff.inference import (
 from mrdiff.loggers import SaveConfig, WandbRun
 from mrdiff.metrics.fid import InceptionWeightsError
 from mrdiff.module import DiffusionModule, NonFiniteLossError
+from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, atomic_write, no_space_errno
 
 OVERWRITE_ENV = "MRDIFF_OVERWRITE"  # =1: `mrdiff fit` may write over a run dir that holds checkpoints
 DEBUG_ENV = "MRDIFF_DEBUG"  # =1: errors mrdiff knows about show their traceback too
@@ -89,10 +90,13 @@ class MrdiffTrainer(Trainer):
                 images = model.sample(seeds, height, width, sampler=sampler, steps=steps, eta=eta,
                                       time_cond=time_cond, progress=True)
             suffix = "" if time_cond is None else ("_noiseshift" if noiseshift else f"_{shift}")
-            path = out / f"samples_{resolution_key(height, width)}{suffix}.png"
-            save_image(images.float() * 0.5 + 0.5, path, nrow=max(1, int(math.sqrt(num_samples))))
+            wanted = out / f"samples_{resolution_key(height, width)}{suffix}.png"
+            path = unused_path(wanted)
+            with atomic_write(path) as f:
+                save_image(images.float() * 0.5 + 0.5, f, format="png", nrow=max(1, int(math.sqrt(num_samples))))
             paths.append(path)
-            print(f"mrdiff: wrote {num_samples} samples at {height}x{width} to {path}")
+            kept = f" ({wanted.name} from an earlier run is kept)" if path != wanted else ""
+            print(f"mrdiff: wrote {num_samples} samples at {height}x{width} to {path}{kept}")
         return paths
 
 
@@ -133,6 +137,15 @@ class MrdiffTrainer(Trainer):
         plot_table(table, path.with_suffix(".png"))
         print(f"mrdiff: NoiseShift table for {table.resolutions()} written to {path}")
         return path
+
+
+def unused_path(path: Path) -> Path:
+    """`path`, or `<stem>-2<suffix>`, `-3`, … when it exists: earlier sample grids are never replaced."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
 
 
 def checkpoint_dirs(trainer: Trainer) -> list[Path]:
@@ -192,11 +205,25 @@ def training_scales(multires: bool, s_min: int, s_max: int, image_size: int, tra
     return [s_min, s_max] if multires else [train_size or image_size] * 2
 
 
+class MrdiffArgumentParser(LightningArgumentParser):
+    """jsonargparse's parser, whose errors (unknown keys, wrong types, missing files) are one line too."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get(DEBUG_ENV) == "1":
+            super().error(message, ex)
+        self._logger.error(message)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        prog = prog.replace("__main__.py", "mrdiff")  # run as `python -m mrdiff`
+        print(f"mrdiff: error: {' '.join(message.split())} (the options: {prog} --help)", file=sys.stderr)
+        self.exit(2)
+
+
 class MrdiffCLI(LightningCLI):
     """LightningCLI for DiffusionModule + MultiResDataModule with mrdiff's extra subcommands."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", MrdiffTrainer)
+        kwargs.setdefault("parser_class", MrdiffArgumentParser)
         kwargs.setdefault("save_config_callback", SaveConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -238,14 +265,16 @@ class MrdiffCLI(LightningCLI):
         super()._parse_ckpt_path()
 
 
-KNOWN_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, InceptionWeightsError)
+KNOWN_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, InceptionWeightsError,
+                NoSpaceError, MisconfigurationException)
 
 
 def error_line(error: BaseException) -> str | None:
     """`mrdiff: error: <message>` for the errors mrdiff knows about (and a full disk); None for the others."""
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        where = f" writing {error.filename}" if error.filename else ""
-        return f"mrdiff: error: no space left on the device{where}: free some space and run again"
+    code = no_space_errno(error)
+    if code is not None and not isinstance(error, NoSpaceError):
+        where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
+        return f"mrdiff: error: {NO_SPACE_ERRNOS[code]}{where}: free some space and run again"
     if isinstance(error, KNOWN_ERRORS):
         return "mrdiff: error: " + " ".join(str(error).split())
     return None
@@ -281,6 +310,11 @@ def main(args: list[str] | None = None, *, exit_on_error: bool | None = None) ->
         info_logs_to_stdout()
     try:
         MrdiffCLI(args=args)
+    except KeyboardInterrupt:
+        if not exit_on_error or os.environ.get(DEBUG_ENV) == "1":
+            raise
+        print("mrdiff: interrupted (files are written atomically: none was left half-written)", file=sys.stderr)
+        sys.exit(130)
     except Exception as error:
         line = error_line(error) if exit_on_error and os.environ.get(DEBUG_ENV) != "1" else None
         if line is None:

@@ -11,6 +11,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from mrdiff.utils import atomic_write
+
 
 def wandb_credentials() -> bool:
     """True when W&B could authenticate: WANDB_API_KEY or a netrc entry for api.wandb.ai."""
@@ -66,10 +68,16 @@ class WandbRun(WandbLogger):
         self._wandb_init["dir"] = str(run_dir)
 
 
+LAUNCH_KEYS = ("ckpt_path", "weights_only")  # how this fit was started, not what the run is
+
+
 class SaveConfig(SaveConfigCallback):
     """Writes the fit's resolved config to <run dir>/config.yaml (overwritten on requeue) and sends it to W&B.
 
-    Only `fit` writes it: `test`, `validate` and `predict` leave the fit's config.yaml as it is.
+    Only `fit` writes it: `test`, `validate` and `predict` leave the fit's config.yaml as it is. The file
+    holds what the run is (seed, trainer, model, data), not how this fit was launched: `ckpt_path` and
+    `weights_only` become a comment. So the same file configures `fit`, `test`, `sample` and `calibrate`
+    (`sample` has no `weights_only`), and `fit --config config.yaml --ckpt_path last` resumes the run.
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -78,8 +86,13 @@ class SaveConfig(SaveConfigCallback):
         if trainer.is_global_zero:
             run_dir = Path(trainer.default_root_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(run_dir / self.config_filename), skip_none=False, overwrite=True,
-                             multifile=False)
+            config = self.config.clone()
+            launch = {key: config.pop(key) for key in LAUNCH_KEYS if key in config}
+            header = "".join(f"# this fit was started with {key}: {value}\n"
+                             for key, value in launch.items() if value is not None)
+            text = self.parser.dump(config, skip_none=False, skip_validation=True)
+            with atomic_write(run_dir / self.config_filename, "w") as f:
+                f.write(header + text)
             self.save_config(trainer, pl_module, stage)
         self.already_saved = True
 

@@ -2,23 +2,62 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+NO_SPACE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is reached",
+                   errno.EFBIG: "the file-size limit (ulimit -f) is reached"}
+
+
+class NoSpaceError(OSError):
+    """A write ran out of space (full disk, quota, file-size limit); the previous file, if any, is intact."""
+
+    def __init__(self, code: int, path: Path, needed: int | None) -> None:
+        free = shutil.disk_usage(path.parent).free
+        need = f"it needs about {_megabytes(needed)} and " if needed else ""
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no partial {path.name} was left"
+        super().__init__(code, f"cannot write {path}: {NO_SPACE_ERRNOS[code]} ({need}{_megabytes(free)} are free "
+                               f"on its file system); {kept}. Free some space or write elsewhere, then run again",
+                         str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+def no_space_errno(error: BaseException) -> int | None:
+    """The errno when `error`, or an error it was raised from or while handling, is an out-of-space write.
+
+    torch.save reports a failed write as RuntimeError("… unexpected pos …"); the OSError sits in its context.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS:
+            return error.errno
+        error = error.__cause__ or error.__context__
+    return None
+
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, size_hint: int | None = None) -> Iterator[IO]:
     """Write to a temporary file beside `path`, fsync, then os.replace: readers see the old or the new file.
 
     A process killed mid-write (pre-emption, OOM) leaves the previous file intact and no temporary behind.
-    The file gets the permissions a plain open() would give it (0666 less the umask), not mkstemp's 0600,
-    so the rest of a project group can read checkpoints and tables on a shared cluster.
+    Running out of space raises NoSpaceError: which file, how much it needs (`size_hint`, bytes) and how much
+    is free. The file gets the permissions a plain open() would give it (0666 less the umask), not mkstemp's
+    0600, so the rest of a project group can read checkpoints and tables on a shared cluster.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,8 +69,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        code = no_space_errno(error)
+        if code is not None and not isinstance(error, NoSpaceError):
+            raise NoSpaceError(code, path, size_hint) from error
         raise
 
 

@@ -43,8 +43,8 @@ def test_image_scan_is_cached_and_redone_for_changed_files(tmp_path, monkeypatch
         good_image(tmp_path / f"ok{i}.png")
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     decoded = []
-    real = images.decode_error
-    monkeypatch.setattr(images, "decode_error", lambda p: decoded.append(p.name) or real(p))
+    real = images.inspect_image
+    monkeypatch.setattr(images, "inspect_image", lambda p: decoded.append(p.name) or real(p))
     assert len(ImageFolder(tmp_path, size=32, on_corrupt="skip")) == 5 and len(decoded) == 6
     decoded.clear()
     dataset = ImageFolder(tmp_path, size=32, on_corrupt="skip")
@@ -78,6 +78,34 @@ def test_small_images_fail_clearly_or_are_upscaled(tmp_path):
     with pytest.raises(ValueError, match=r"20x20 pixels, smaller than the 32 .* data.upscale_small=true"):
         load_image(tmp_path / "tiny.png", 32)
     assert load_image(tmp_path / "tiny.png", 32, upscale=True).shape == (3, 32, 32)
+
+
+def test_small_images_are_found_by_the_folder_scan_not_in_a_worker(tmp_path, monkeypatch):
+    from mrdiff.data import images
+
+    for i in range(3):
+        good_image(tmp_path / f"ok{i}.png", size=(48, 40))
+    good_image(tmp_path / "narrow.png", size=(31, 80))
+    with pytest.raises(ValueError, match=r"1 of 4 images .* smaller than the 32 pixels needed:\n  .*narrow.png: "
+                                         r"31x80\n.*data.upscale_small=true"):
+        ImageFolder(tmp_path, size=32)
+    assert len(ImageFolder(tmp_path, size=32, upscale_small=True)) == 4
+    # the scan cache remembers sizes: a second scan refuses the same image without decoding anything
+    decoded = []
+    real = images.inspect_image
+    monkeypatch.setattr(images, "inspect_image", lambda p: decoded.append(p.name) or real(p))
+    with pytest.raises(ValueError, match=r"(?s)1 of 4 .*narrow.png: 31x80"):
+        ImageFolder(tmp_path, size=32)
+    assert decoded == []
+    assert len(ImageFolder(tmp_path, size=31)) == 4
+
+
+def test_a_crop_larger_than_the_image_is_not_padded_with_black(tmp_path):
+    good_image(tmp_path / "x.png", size=(30, 60))
+    x = load_image(tmp_path / "x.png", 16, crop=40)  # the crop is limited to the 30-pixel side
+    assert x.shape == (3, 16, 16) and x.min().item() > -0.9  # no black (−1) border
+    with pytest.raises(ValueError, match="30x60 pixels, smaller than the 32"):
+        load_image(tmp_path / "x.png", 32, crop=40)
 
 
 def test_empty_folder_and_wrong_path(tmp_path):

@@ -11,7 +11,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from mrdiff.utils import atomic_write, cache_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SCAN_CACHE_ENV = "MRDIFF_SCAN_CACHE"
-SCAN_CACHE_VERSION = 1
+SCAN_CACHE_VERSION = 2  # 2: files carry their pixel size
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -41,19 +41,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def usable_side(width: int, height: int, crop: int | None) -> int:
+    """The shorter side left to resize from: the centre crop's side, or the image's shorter side.
+
+    A crop larger than the image would pad it with black, so such an image counts as its shorter side.
+    """
+    return min(width, height, crop) if crop else min(width, height)
+
+
 def load_image(path: Path, size: int, *, crop: int | None = None, upscale: bool = False) -> Tensor:
     """[3, size, size] in [−1, 1]: optional centre crop, shorter side → size, centre crop to a square."""
     with Image.open(path) as raw:
         image = to_rgb(raw)
     x = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True) * 2 - 1
-    if crop is not None:
-        x = TF.center_crop(x, [crop, crop])
-    short = min(x.shape[-2:])
-    if short < size and not upscale:
+    if usable_side(x.shape[-1], x.shape[-2], crop) < size and not upscale:
         raise ValueError(
             f"{path} is {x.shape[-1]}x{x.shape[-2]} pixels, smaller than the {size} pixels needed: remove it, "
             f"lower data.image_size, or set data.upscale_small=true"
         )
+    if crop is not None:
+        x = TF.center_crop(x, [min(crop, *x.shape[-2:])] * 2)
     x = TF.resize(x, size, antialias=True)
     return TF.center_crop(x, [size, size]).clamp(-1, 1)
 
@@ -70,14 +77,17 @@ def find_images(root: str | Path) -> tuple[list[Path], int]:
     return images, len(files) - len(images)
 
 
-def decode_error(path: Path) -> str | None:
-    """Why PIL cannot fully decode the file (a full load, so truncation is found too), or None."""
+def inspect_image(path: Path) -> tuple[str | None, tuple[int, int] | None]:
+    """(why PIL cannot fully decode the file, None) or (None, (width, height)).
+
+    A full load, so truncation is found too; the size comes from the same decode.
+    """
     try:
         with Image.open(path) as image:
             image.load()
+            return None, image.size
     except Exception as error:  # noqa: BLE001 - any decoding failure makes the file unusable
-        return f"{type(error).__name__}: {error}"
-    return None
+        return f"{type(error).__name__}: {error}", None
 
 
 def scan_cache_path(root: Path) -> Path:
@@ -87,7 +97,7 @@ def scan_cache_path(root: Path) -> Path:
 
 
 def _load_verified(cache: Path, root: Path) -> dict[str, list[int]]:
-    """Files (relative to root) known to decode, with the (size, mtime_ns) they had then."""
+    """Files (relative to root) known to decode: [file size, mtime_ns, width, height] when last checked."""
     if not cache.exists():
         return {}
     try:
@@ -100,11 +110,18 @@ def _load_verified(cache: Path, root: Path) -> dict[str, list[int]]:
         return {}
 
 
-def scan_corrupt(
+class Scan(NamedTuple):
+    """What a folder scan found: the files that cannot be decoded (with why), and every other file's size."""
+
+    corrupt: list[tuple[Path, str]]
+    sizes: dict[Path, tuple[int, int]]  # (width, height)
+
+
+def scan_images(
     paths: list[Path], progress: bool = True, *, root: Path | None = None, cache: Path | None = None,
     workers: int | None = None,
-) -> list[tuple[Path, str]]:
-    """The files PIL cannot fully decode, with the reason.
+) -> Scan:
+    """Decode every file once: the ones PIL cannot read, with the reason, and the pixel size of the rest.
 
     Files are decoded in a thread pool (PIL releases the GIL while decoding). With a `cache` (and the
     `root` the paths lie under) the files that decoded before and still have the same size and mtime are
@@ -113,25 +130,42 @@ def scan_corrupt(
     verified = _load_verified(cache, root) if cache and root else {}
     signatures = {p: [(st := p.stat()).st_size, st.st_mtime_ns] for p in paths} if cache and root else {}
     name = (lambda p: p.relative_to(root).as_posix()) if root else (lambda p: str(p))
-    todo = [p for p in paths if not signatures or verified.get(name(p)) != signatures[p]]
+    sizes: dict[Path, tuple[int, int]] = {}
+    todo = []
+    for p in paths:
+        known = verified.get(name(p)) if signatures else None
+        if known is not None and len(known) == 4 and known[:2] == signatures[p]:
+            sizes[p] = (known[2], known[3])
+        else:
+            todo.append(p)
     reasons: dict[Path, str] = {}
     if todo:
         workers = workers or min(8, os.cpu_count() or 1)
         chunks = [todo[i : i + 64] for i in range(0, len(todo), 64)]
         bar = tqdm(total=len(todo), desc="checking images", disable=not progress or len(todo) < 500, leave=False)
         with ThreadPoolExecutor(workers) as pool:
-            for chunk, errors in zip(chunks, pool.map(lambda c: [decode_error(p) for p in c], chunks)):
-                reasons.update((p, why) for p, why in zip(chunk, errors) if why is not None)
+            for chunk, found in zip(chunks, pool.map(lambda c: [inspect_image(p) for p in c], chunks)):
+                for p, (why, size) in zip(chunk, found):
+                    if why is not None:
+                        reasons[p] = why
+                    else:
+                        sizes[p] = size
                 bar.update(len(chunk))
         bar.close()
         if cache and root:
-            files = {name(p): signatures[p] for p in paths if p not in reasons}
+            files = {name(p): [*signatures[p], *sizes[p]] for p in paths if p in sizes}
             try:
                 with atomic_write(cache, "w") as f:
                     json.dump({"version": SCAN_CACHE_VERSION, "root": str(root.resolve()), "files": files}, f)
             except OSError as error:  # a read-only home must not stop training
                 print(f"mrdiff: could not write the image scan cache {cache} ({error}); the next run checks again")
-    return [(p, reasons[p]) for p in paths if p in reasons]
+    return Scan([(p, reasons[p]) for p in paths if p in reasons], {p: sizes[p] for p in paths if p in sizes})
+
+
+def listing(items: list[str], limit: int = 20) -> str:
+    """Up to `limit` items, one per indented line, and how many more."""
+    more = f"\n  … and {len(items) - limit} more" if len(items) > limit else ""
+    return "\n  " + "\n  ".join(items[:limit]) + more
 
 
 class ImageFolder(Dataset):
@@ -142,18 +176,25 @@ class ImageFolder(Dataset):
         upscale_small: bool = False, crop: int | None = None,
     ) -> None:
         paths, ignored = find_images(root)
-        bad = scan_corrupt(paths, root=Path(root), cache=scan_cache_path(Path(root)))
+        scan = scan_images(paths, root=Path(root), cache=scan_cache_path(Path(root)))
+        bad = scan.corrupt
         if bad and on_corrupt == "error":
-            listing = "\n  ".join(f"{p}: {why}" for p, why in bad[:20])
-            more = f"\n  … and {len(bad) - 20} more" if len(bad) > 20 else ""
             raise ValueError(
-                f"{len(bad)} of {len(paths)} images under {root} cannot be read:\n  {listing}{more}\n"
+                f"{len(bad)} of {len(paths)} images under {root} cannot be read:"
+                f"{listing([f'{p}: {why}' for p, why in bad])}\n"
                 f"remove them, or set data.on_corrupt=skip to train without them"
             )
         if bad:
             print(f"mrdiff: skipping {len(bad)} unreadable image(s) of {len(paths)} under {root}")
-        skip = {p for p, _ in bad}
-        self.paths = [p for p in paths if p not in skip]
+        if not upscale_small:  # found here, once, not in a DataLoader worker in the middle of training
+            small = [f"{p}: {w}x{h}" for p, (w, h) in scan.sizes.items() if usable_side(w, h, crop) < size]
+            if small:
+                raise ValueError(
+                    f"{len(small)} of {len(paths)} images under {root} are smaller than the {size} pixels "
+                    f"needed{f' after the centre crop to {crop}' if crop else ''}:{listing(small)}\n"
+                    f"remove them, lower data.image_size, or set data.upscale_small=true"
+                )
+        self.paths = list(scan.sizes)
         self.ignored_files, self.skipped = ignored, len(bad)
         self.size, self.crop, self.upscale = size, crop, upscale_small
 
