@@ -38,6 +38,7 @@ from mrdiff.metrics.fid import (
 )
 from mrdiff.metrics.structure import reference_radii, structure_score
 from mrdiff.module import DiffusionModule
+from mrdiff.utils import atomic_write
 
 METRICS: dict[str, tuple[str, str]] = {
     "fid": ("FID ↓", "{:.2f}"),
@@ -393,9 +394,10 @@ class ResolutionEvaluation(L.Callback):
         suffix = "" if stage == "test" else f"_step{trainer.global_step}"
         run_dir.mkdir(parents=True, exist_ok=True)
         stem = run_dir / f"eval_table{suffix}"
-        stem.with_suffix(".md").write_text(table.markdown())
-        stem.with_suffix(".csv").write_text(table.csv())
-        stem.with_suffix(".json").write_text(json.dumps(table.as_json(), indent=1))
+        texts = {"md": table.markdown(), "csv": table.csv(), "json": json.dumps(table.as_json(), indent=1)}
+        for ext, text in texts.items():
+            with atomic_write(stem.with_suffix(f".{ext}"), "w") as f:  # a full disk leaves the last table whole
+                f.write(text)
         print(f"mrdiff: {stage} evaluation ({self.num_samples} samples per cell) → {stem}.{{md,csv,json}}\n")
         print(table.markdown())
         log_table(trainer, f"{stage}/eval_table", table.columns(), _finite(table.rows()))

@@ -13,6 +13,7 @@ from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure
 from mrdiff.inference import parse_resolution, resolution_key
 from mrdiff.module import DiffusionModule
+from mrdiff.utils import atomic_write
 
 
 class SampleGrid(L.Callback):
@@ -84,6 +85,7 @@ class SampleGrid(L.Callback):
                                       eta=self.eta)
         key = resolution_key(height, width)
         path = out / f"step_{step}_{key}.png"
-        save_image(images.float() * 0.5 + 0.5, path, nrow=self.nrow)
+        with atomic_write(path) as f:
+            save_image(images.float() * 0.5 + 0.5, f, format="png", nrow=self.nrow)
         log_figure(trainer, f"samples/{key}", path, step=step)
         return path
