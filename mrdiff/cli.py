@@ -21,6 +21,7 @@ from mrdiff.callbacks.checkpoint import RunCheckpoint
 from mrdiff.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, load_checkpoint, load_weights
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, checkpoint_hash
+from mrdiff.diffusion.samplers import Sampler
 from mrdiff.inference import (
     Resolution,
     checked_resolutions,
@@ -65,7 +66,7 @@ class MrdiffTrainer(Trainer):
         ckpt_path: str | None = None,
         resolutions: list[Resolution] = [64],  # noqa: B006 - jsonargparse needs a literal default
         num_samples: int = 16,
-        sampler: Literal["ddpm", "ddim"] = "ddim",
+        sampler: Sampler = "ddim",
         steps: int = 50,
         eta: float = 0.0,
         seed: int = 0,  # sample i uses seed + i at every resolution
@@ -102,7 +103,7 @@ class MrdiffTrainer(Trainer):
         datamodule: MultiResDataModule,
         ckpt_path: str | None = None,
         resolutions: list[Resolution] = [64],  # noqa: B006
-        sampler: Literal["ddpm", "ddim"] = "ddim",  # calibrate the timesteps this sampler visits
+        sampler: Sampler = "ddim",  # calibrate the timesteps this sampler visits
         steps: int = 50,
         num_images: int = 64,
         coarse_window: float = 0.1,  # σ_rf units
@@ -119,7 +120,7 @@ class MrdiffTrainer(Trainer):
         model = self._load_for_inference(model, ckpt_path, "calibrate")
         settings = SearchSettings(coarse_window=coarse_window, coarse_stride=coarse_stride, fine_window=fine_window,
                                   fine_stride=fine_stride, num_images=num_images, max_batch=max_batch)
-        timesteps = sampler_timesteps(model.schedule.num_timesteps, sampler, steps)
+        timesteps = sampler_timesteps(model.schedule, sampler, steps)
         with self.precision_plugin.forward_context():
             table = calibrate_model(model, datamodule, sizes, timesteps, settings,
                                     checkpoint=checkpoint_hash(ckpt_path))

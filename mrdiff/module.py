@@ -14,7 +14,7 @@ from torch import Tensor
 
 from mrdiff.checkpoint import load_weights
 from mrdiff.data.sampling import item_seed
-from mrdiff.diffusion.samplers import SAMPLERS, EpsFn, PerSampleNoise, TimeCond
+from mrdiff.diffusion.samplers import SAMPLERS, STEPPED, EpsFn, PerSampleNoise, Sampler, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule, ScheduleKind
 from mrdiff.nn.coords import CoordMode, canvas_grid
 from mrdiff.nn.unet import UNet
@@ -287,8 +287,8 @@ class DiffusionModule(L.LightningModule):
         height: int,
         width: int | None = None,
         *,
-        sampler: Literal["ddpm", "ddim"] = "ddim",
-        steps: int = 50,  # DDIM only
+        sampler: Sampler = "ddim",
+        steps: int = 50,  # DDIM and DPM-Solver++: network calls
         eta: float = 0.0,  # DDIM only
         time_cond: TimeCond | None = None,
         clip_denoised: bool = True,
@@ -299,7 +299,9 @@ class DiffusionModule(L.LightningModule):
         grid, scale = self.canvas_inputs(height, width)
         noise = PerSampleNoise(seeds, self.device)
         x_T = noise.randn((self.net_in_channels, height, width))
-        kwargs = {"steps": steps, "eta": eta} if sampler == "ddim" else {}
+        kwargs: dict[str, float] = {"steps": steps} if sampler in STEPPED else {}
+        if sampler == "ddim":
+            kwargs["eta"] = eta
         x0 = SAMPLERS[sampler](self.eps_fn(grid, scale), self.schedule, x_T, noise=noise, time_cond=time_cond,
                                clip_denoised=clip_denoised, progress=progress, **kwargs)
         return x0.clamp(-1, 1)
