@@ -20,11 +20,12 @@ from torchvision.utils import save_image
 from mrdiff.callbacks.checkpoint import RunCheckpoint
 from mrdiff.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, load_checkpoint, load_weights
 from mrdiff.data.datamodule import MultiResDataModule
-from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, checkpoint_hash
+from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings
 from mrdiff.diffusion.samplers import Sampler
 from mrdiff.inference import (
     Resolution,
     checked_resolutions,
+    model_fingerprint,
     resolution_key,
     run_dir_of,
     time_conditionings,
@@ -32,6 +33,7 @@ from mrdiff.inference import (
 from mrdiff.loggers import SaveConfig, WandbRun
 from mrdiff.metrics.fid import InceptionWeightsError
 from mrdiff.module import DiffusionModule, NonFiniteLossError
+from mrdiff.nn.diffusers_unet import DiffusersUNet, OptionalDependencyError
 
 OVERWRITE_ENV = "MRDIFF_OVERWRITE"  # =1: `mrdiff fit` may write over a run dir that holds checkpoints
 DEBUG_ENV = "MRDIFF_DEBUG"  # =1: errors mrdiff knows about show their traceback too
@@ -54,9 +56,10 @@ class MrdiffTrainer(Trainer):
                 callback.use_run_dir(self.default_root_dir)
 
     def _load_for_inference(self, model: DiffusionModule, ckpt_path: str | None, command: str) -> DiffusionModule:
-        if not ckpt_path:
+        if not ckpt_path and not isinstance(model.net, DiffusersUNet):  # a diffusers UNet brings its weights
             raise ValueError(f"`mrdiff {command}` needs a trained model: pass --ckpt_path path/to/last.ckpt")
-        load_weights(model, ckpt_path)
+        if ckpt_path:
+            load_weights(model, ckpt_path)
         return model.to(self.strategy.root_device).eval()
 
     def sample(
@@ -123,7 +126,7 @@ class MrdiffTrainer(Trainer):
         timesteps = sampler_timesteps(model.schedule, sampler, steps)
         with self.precision_plugin.forward_context():
             table = calibrate_model(model, datamodule, sizes, timesteps, settings,
-                                    checkpoint=checkpoint_hash(ckpt_path))
+                                    checkpoint=model_fingerprint(model, ckpt_path))
         path = Path(out) if out else run_dir_of(ckpt_path, self.default_root_dir) / "noiseshift.json"
         if path.exists():
             previous = NoiseShiftTable.load(path, schedule=model.schedule, checkpoint=table.checkpoint,
@@ -239,7 +242,8 @@ class MrdiffCLI(LightningCLI):
         super()._parse_ckpt_path()
 
 
-KNOWN_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, InceptionWeightsError)
+KNOWN_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, InceptionWeightsError,
+                OptionalDependencyError)
 
 
 def error_line(error: BaseException) -> str | None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,6 +18,7 @@ from mrdiff.data.sampling import item_seed
 from mrdiff.diffusion.samplers import SAMPLERS, STEPPED, EpsFn, PerSampleNoise, Sampler, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule, ScheduleKind
 from mrdiff.nn.coords import CoordMode, canvas_grid
+from mrdiff.nn.diffusers_unet import DiffusersUNet
 from mrdiff.nn.unet import UNet
 
 
@@ -65,7 +67,7 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(
         self,
-        net: UNet,
+        net: UNet | DiffusersUNet,  # mrdiff's U-Net, or a pretrained diffusers UNet2DModel
         *,
         schedule: ScheduleKind = "linear",
         num_timesteps: int = 1000,
@@ -94,6 +96,8 @@ class DiffusionModule(L.LightningModule):
             load_weights(self, init_weights)
         self.schedule = NoiseSchedule(kind=schedule, num_timesteps=num_timesteps,
                                       beta_start=beta_start, beta_end=beta_end)
+        if isinstance(net, DiffusersUNet):
+            check_pretrained(net, self.schedule, train_resolution)
         if channels_last:
             self.net.to_channels_last()
         if compile:  # in place: parameter names (and so checkpoints) stay those of the plain U-Net
@@ -308,4 +312,26 @@ class DiffusionModule(L.LightningModule):
 
     @property
     def net_in_channels(self) -> int:
-        return self.net.stem.in_channels
+        return self.net.in_channels
+
+
+def describe_schedule(schedule: NoiseSchedule) -> str:
+    """The settings that define a schedule, as the command line spells them."""
+    text = f"--model.schedule={schedule.kind} --model.num_timesteps={schedule.num_timesteps}"
+    return text + (f" --model.beta_start={schedule.beta_start:g} --model.beta_end={schedule.beta_end:g}"
+                   if schedule.kind == "linear" else "")
+
+
+def check_pretrained(net: DiffusersUNet, schedule: NoiseSchedule, train_resolution: int) -> None:
+    """A pretrained network fixes the β schedule and the training size: settings that disagree are errors."""
+    trained = NoiseSchedule(**net.trained_schedule)
+    same = trained.num_timesteps == schedule.num_timesteps and np.allclose(trained.betas, schedule.betas, rtol=1e-9)
+    if not same:
+        raise ValueError(f"the diffusers model's scheduler config {net.scheduler_config_path} has the schedule "
+                         f"{describe_schedule(trained)} but mrdiff's model settings say {describe_schedule(schedule)}: "
+                         f"set the model's schedule settings to the scheduler config's")
+    if net.sample_size is not None and net.sample_size != train_resolution:
+        raise ValueError(f"the diffusers UNet was trained at {net.sample_size}x{net.sample_size} (sample_size in "
+                         f"its config.json) but model.train_resolution, linked from the data settings, is "
+                         f"{train_resolution}: set --data.multires=false --data.train_size={net.sample_size} "
+                         f"(the analytic shift and the size warnings use it)")
