@@ -139,6 +139,9 @@ class DiffusionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Fail before training if the data's inputs cannot go through this U-Net."""
+        if stage == "fit" and isinstance(self.net, DiffusersUNet):
+            raise ValueError("fine-tuning a diffusers UNet with `mrdiff fit` is not supported (it has no grid or "
+                             "scale inputs): use it with `mrdiff sample`, `calibrate` and `test`")
         side = self.hparams.train_resolution
         try:
             self.net.check_size(side, side)

@@ -117,6 +117,9 @@ def test_user_errors_are_one_line(model_dir, tmp_path):
     assert "--model.num_timesteps=100 " in line and "--model.num_timesteps=1000 " in line
     line = error_of([*base, f"--model.net.init_args.path={folder}", "--data.train_size=32"])
     assert "trained at 16x16" in line and "--data.train_size=16" in line
+    line = error_of(["fit", "--config", config, f"--model.net={NET}", f"--model.net.init_args.path={folder}",
+                     "--trainer.max_steps=1"])
+    assert "fine-tuning a diffusers UNet" in line
 
 
 def mrdiff(*args: str, cwd: Path) -> str:
@@ -171,3 +174,24 @@ def test_sample_calibrate_test_through_the_cli(model_dir, tmp_path):
     line = error_of(["sample", *config, f"--model.net={NET}", f"--model.net.init_args.path={other}",
                      f"--noiseshift={run / 'noiseshift.json'}", "--steps=3", "--sampler=dpmpp_2m"])
     assert "was calibrated for checkpoint" in line and module.net.fingerprint in line
+
+
+def test_the_shipped_pretrained_config_builds_with_a_model_folder(tmp_path):
+    """configs/pretrained/diffusers_ddpm.yaml with a stand-in folder (T = 1000, sample_size 256) instantiates."""
+    from mrdiff.cli import MrdiffCLI
+
+    unet = diffusers.UNet2DModel(sample_size=256, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    folder = tmp_path / "ddpm"
+    unet.save_pretrained(folder)
+    diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (256, 256), (i * 40, 90, 200)).save(images / f"{i}.png")
+    cli = MrdiffCLI(args=["--config", str(ROOT / "configs/pretrained/diffusers_ddpm.yaml"),
+                          f"--model.net.init_args.path={folder}", f"--data.root={images}"], run=False)
+    assert isinstance(cli.model.net, DiffusersUNet) and cli.model.hparams.train_resolution == 256
+    evaluation = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ResolutionEvaluation")
+    assert evaluation.sampler == "dpmpp_2m" and evaluation.steps == 20
