@@ -20,10 +20,12 @@ from torchvision.utils import save_image
 from mrdiff.callbacks.checkpoint import RunCheckpoint
 from mrdiff.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, load_checkpoint, load_weights
 from mrdiff.data.datamodule import MultiResDataModule
-from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, checkpoint_hash
+from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings
+from mrdiff.diffusion.samplers import Sampler
 from mrdiff.inference import (
     Resolution,
     checked_resolutions,
+    model_fingerprint,
     resolution_key,
     run_dir_of,
     time_conditionings,
@@ -31,6 +33,7 @@ from mrdiff.inference import (
 from mrdiff.loggers import SaveConfig, WandbRun
 from mrdiff.metrics.fid import InceptionWeightsError
 from mrdiff.module import DiffusionModule, NonFiniteLossError
+from mrdiff.nn.diffusers_unet import DiffusersUNet, OptionalDependencyError
 from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, atomic_write, no_space_errno
 
 OVERWRITE_ENV = "MRDIFF_OVERWRITE"  # =1: `mrdiff fit` may write over a run dir that holds checkpoints
@@ -54,9 +57,10 @@ class MrdiffTrainer(Trainer):
                 callback.use_run_dir(self.default_root_dir)
 
     def _load_for_inference(self, model: DiffusionModule, ckpt_path: str | None, command: str) -> DiffusionModule:
-        if not ckpt_path:
+        if not ckpt_path and not isinstance(model.net, DiffusersUNet):  # a diffusers UNet brings its weights
             raise ValueError(f"`mrdiff {command}` needs a trained model: pass --ckpt_path path/to/last.ckpt")
-        load_weights(model, ckpt_path)
+        if ckpt_path:
+            load_weights(model, ckpt_path)
         return model.to(self.strategy.root_device).eval()
 
     def sample(
@@ -66,7 +70,7 @@ class MrdiffTrainer(Trainer):
         ckpt_path: str | None = None,
         resolutions: list[Resolution] = [64],  # noqa: B006 - jsonargparse needs a literal default
         num_samples: int = 16,
-        sampler: Literal["ddpm", "ddim"] = "ddim",
+        sampler: Sampler = "ddim",
         steps: int = 50,
         eta: float = 0.0,
         seed: int = 0,  # sample i uses seed + i at every resolution
@@ -106,7 +110,7 @@ class MrdiffTrainer(Trainer):
         datamodule: MultiResDataModule,
         ckpt_path: str | None = None,
         resolutions: list[Resolution] = [64],  # noqa: B006
-        sampler: Literal["ddpm", "ddim"] = "ddim",  # calibrate the timesteps this sampler visits
+        sampler: Sampler = "ddim",  # calibrate the timesteps this sampler visits
         steps: int = 50,
         num_images: int = 64,
         coarse_window: float = 0.1,  # σ_rf units
@@ -123,10 +127,10 @@ class MrdiffTrainer(Trainer):
         model = self._load_for_inference(model, ckpt_path, "calibrate")
         settings = SearchSettings(coarse_window=coarse_window, coarse_stride=coarse_stride, fine_window=fine_window,
                                   fine_stride=fine_stride, num_images=num_images, max_batch=max_batch)
-        timesteps = sampler_timesteps(model.schedule.num_timesteps, sampler, steps)
+        timesteps = sampler_timesteps(model.schedule, sampler, steps)
         with self.precision_plugin.forward_context():
             table = calibrate_model(model, datamodule, sizes, timesteps, settings,
-                                    checkpoint=checkpoint_hash(ckpt_path))
+                                    checkpoint=model_fingerprint(model, ckpt_path))
         path = Path(out) if out else run_dir_of(ckpt_path, self.default_root_dir) / "noiseshift.json"
         if path.exists():
             previous = NoiseShiftTable.load(path, schedule=model.schedule, checkpoint=table.checkpoint,
@@ -266,7 +270,7 @@ class MrdiffCLI(LightningCLI):
 
 
 KNOWN_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, InceptionWeightsError,
-                NoSpaceError, MisconfigurationException)
+                NoSpaceError, MisconfigurationException, OptionalDependencyError)
 
 
 def error_line(error: BaseException) -> str | None:

@@ -118,7 +118,7 @@ def generate(model: DiffusionModule, height: int, width: int, settings: Settings
 def noiseshift_cond(model: DiffusionModule, height: int, width: int, settings: Settings) -> tuple[object, dict]:
     """NoiseShift calibrated at (height, width) on held-out renders; returns time_cond and the table."""
     images = references(height, width, settings.calibration_images).to(model.device)
-    timesteps = sampler_timesteps(model.schedule.num_timesteps, "ddim", settings.steps)
+    timesteps = sampler_timesteps(model.schedule, "ddim", settings.steps)
     search = SearchSettings(num_images=settings.calibration_images, coarse_stride=0.02, fine_window=0.02,
                             fine_stride=0.004, max_batch=1024)
     grid, scale = model.canvas_inputs(height, width)

@@ -8,6 +8,7 @@ from pathlib import Path
 from mrdiff.diffusion.noiseshift import AnalyticShift, NoiseShiftTable, checkpoint_hash, weights_hash
 from mrdiff.diffusion.samplers import TimeCond
 from mrdiff.module import DiffusionModule
+from mrdiff.nn.diffusers_unet import DiffusersUNet
 
 Resolution = int | str
 
@@ -43,6 +44,14 @@ def run_dir_of(ckpt_path: str | None, fallback: str) -> Path:
     return Path(fallback)
 
 
+def model_fingerprint(model: DiffusionModule, ckpt_path: str | None) -> str | None:
+    """What a NoiseShift table records as its checkpoint: the checkpoint file's hash, or for a pretrained
+    diffusers UNet loaded without one, the hash of its model files."""
+    if ckpt_path:
+        return checkpoint_hash(ckpt_path)
+    return model.net.fingerprint if isinstance(model.net, DiffusersUNet) else None
+
+
 def time_conditioning(
     model: DiffusionModule, height: int, width: int, *, noiseshift: str | None, shift: str, ckpt_path: str | None,
 ) -> TimeCond | None:
@@ -57,13 +66,14 @@ def time_conditionings(
 ) -> dict[tuple[int, int], TimeCond | None]:
     """time_conditioning for every size, checked all before any sampling starts (one table load).
 
-    With a checkpoint the table must name the model's weights (as loaded from that checkpoint).
+    With a checkpoint the table must name the model's weights (as loaded from that checkpoint); a diffusers
+    UNet without one must be the model folder the table was calibrated for.
     """
     if noiseshift and shift != "none":
         raise ValueError("give either --noiseshift (a calibrated table) or --shift analytic, not both")
     if noiseshift:
         table = NoiseShiftTable.load(noiseshift, schedule=model.schedule,
-                                     checkpoint=checkpoint_hash(ckpt_path) if ckpt_path else None,
+                                     checkpoint=model_fingerprint(model, ckpt_path),
                                      weights=weights_hash(model) if ckpt_path else None)
         return {(h, w): table.time_cond(h, w) for h, w in sizes}
     if shift == "analytic":

@@ -8,15 +8,17 @@ from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mrdiff.checkpoint import load_weights
 from mrdiff.data.sampling import item_seed
-from mrdiff.diffusion.samplers import SAMPLERS, EpsFn, PerSampleNoise, TimeCond
+from mrdiff.diffusion.samplers import SAMPLERS, STEPPED, EpsFn, PerSampleNoise, Sampler, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule, ScheduleKind
 from mrdiff.nn.coords import CoordMode, canvas_grid
+from mrdiff.nn.diffusers_unet import DiffusersUNet
 from mrdiff.nn.unet import UNet
 
 
@@ -65,7 +67,7 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(
         self,
-        net: UNet,
+        net: UNet | DiffusersUNet,  # mrdiff's U-Net, or a pretrained diffusers UNet2DModel
         *,
         schedule: ScheduleKind = "linear",
         num_timesteps: int = 1000,
@@ -94,6 +96,8 @@ class DiffusionModule(L.LightningModule):
             load_weights(self, init_weights)
         self.schedule = NoiseSchedule(kind=schedule, num_timesteps=num_timesteps,
                                       beta_start=beta_start, beta_end=beta_end)
+        if isinstance(net, DiffusersUNet):
+            check_pretrained(net, self.schedule, train_resolution)
         if channels_last:
             self.net.to_channels_last()
         if compile:  # in place: parameter names (and so checkpoints) stay those of the plain U-Net
@@ -135,6 +139,9 @@ class DiffusionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Fail before training if the data's inputs cannot go through this U-Net."""
+        if stage == "fit" and isinstance(self.net, DiffusersUNet):
+            raise ValueError("fine-tuning a diffusers UNet with `mrdiff fit` is not supported (it has no grid or "
+                             "scale inputs): use it with `mrdiff sample`, `calibrate` and `test`")
         side = self.hparams.train_resolution
         try:
             self.net.check_size(side, side)
@@ -287,8 +294,8 @@ class DiffusionModule(L.LightningModule):
         height: int,
         width: int | None = None,
         *,
-        sampler: Literal["ddpm", "ddim"] = "ddim",
-        steps: int = 50,  # DDIM only
+        sampler: Sampler = "ddim",
+        steps: int = 50,  # DDIM and DPM-Solver++: network calls
         eta: float = 0.0,  # DDIM only
         time_cond: TimeCond | None = None,
         clip_denoised: bool = True,
@@ -299,11 +306,35 @@ class DiffusionModule(L.LightningModule):
         grid, scale = self.canvas_inputs(height, width)
         noise = PerSampleNoise(seeds, self.device)
         x_T = noise.randn((self.net_in_channels, height, width))
-        kwargs = {"steps": steps, "eta": eta} if sampler == "ddim" else {}
+        kwargs: dict[str, float] = {"steps": steps} if sampler in STEPPED else {}
+        if sampler == "ddim":
+            kwargs["eta"] = eta
         x0 = SAMPLERS[sampler](self.eps_fn(grid, scale), self.schedule, x_T, noise=noise, time_cond=time_cond,
                                clip_denoised=clip_denoised, progress=progress, **kwargs)
         return x0.clamp(-1, 1)
 
     @property
     def net_in_channels(self) -> int:
-        return self.net.stem.in_channels
+        return self.net.in_channels
+
+
+def describe_schedule(schedule: NoiseSchedule) -> str:
+    """The settings that define a schedule, as the command line spells them."""
+    text = f"--model.schedule={schedule.kind} --model.num_timesteps={schedule.num_timesteps}"
+    return text + (f" --model.beta_start={schedule.beta_start:g} --model.beta_end={schedule.beta_end:g}"
+                   if schedule.kind == "linear" else "")
+
+
+def check_pretrained(net: DiffusersUNet, schedule: NoiseSchedule, train_resolution: int) -> None:
+    """A pretrained network fixes the β schedule and the training size: settings that disagree are errors."""
+    trained = NoiseSchedule(**net.trained_schedule)
+    same = trained.num_timesteps == schedule.num_timesteps and np.allclose(trained.betas, schedule.betas, rtol=1e-9)
+    if not same:
+        raise ValueError(f"the diffusers model's scheduler config {net.scheduler_config_path} has the schedule "
+                         f"{describe_schedule(trained)} but mrdiff's model settings say {describe_schedule(schedule)}: "
+                         f"set the model's schedule settings to the scheduler config's")
+    if net.sample_size is not None and net.sample_size != train_resolution:
+        raise ValueError(f"the diffusers UNet was trained at {net.sample_size}x{net.sample_size} (sample_size in "
+                         f"its config.json) but model.train_resolution, linked from the data settings, is "
+                         f"{train_resolution}: set --data.multires=false --data.train_size={net.sample_size} "
+                         f"(the analytic shift and the size warnings use it)")

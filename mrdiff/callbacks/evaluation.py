@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure, log_table
-from mrdiff.diffusion.samplers import TimeCond
+from mrdiff.diffusion.samplers import Sampler, TimeCond
 from mrdiff.inference import parse_resolution, resolution_key, run_dir_of, time_conditionings
 from mrdiff.metrics.fid import (
     FID,
@@ -189,8 +189,8 @@ class ResolutionEvaluation(L.Callback):
         resolutions: list[int | str] = [64],  # noqa: B006 - N or "HxW"
         num_samples: int = 1000,  # fakes per resolution and row
         num_reference: int | None = None,  # real images for the FID statistics; default num_samples
-        sampler: Literal["ddpm", "ddim"] = "ddim",
-        steps: int = 50,  # DDIM steps
+        sampler: Sampler = "ddim",
+        steps: int = 50,  # DDIM / DPM-Solver++ steps
         eta: float = 0.0,  # DDIM η
         seed: int = 0,  # fake i uses seed + i at every resolution and in every row
         noiseshift: str | None = None,  # table (JSON) for a "+ NoiseShift" row; "auto": <run dir>/noiseshift.json

@@ -14,14 +14,22 @@ from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, calibrate, weights_hash
-from mrdiff.diffusion.samplers import ddim_timesteps
+from mrdiff.diffusion.samplers import SAMPLERS, Sampler, ddim_timesteps, dpm_solver_timesteps
+from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.inference import parse_resolution
 from mrdiff.module import DiffusionModule
 
 
-def sampler_timesteps(num_timesteps: int, sampler: str, steps: int) -> list[int]:
-    """The timesteps a sampler visits: all T for DDPM, the DDIM subsequence otherwise."""
-    return list(range(num_timesteps - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(num_timesteps, steps)
+def sampler_timesteps(schedule: NoiseSchedule, sampler: str, steps: int) -> list[int]:
+    """The timesteps at which a sampler calls the network: all T for DDPM, the DDIM subsequence, or
+    DPM-Solver++'s (which never evaluates t = 0)."""
+    if sampler == "ddpm":
+        return list(range(schedule.num_timesteps - 1, -1, -1))
+    if sampler == "dpmpp_2m":
+        return dpm_solver_timesteps(schedule, steps)
+    if sampler == "ddim":
+        return ddim_timesteps(schedule.num_timesteps, steps)
+    raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
 
 
 @torch.no_grad()
@@ -92,7 +100,7 @@ class NoiseShiftCalibration(L.Callback):
     def __init__(
         self,
         resolutions: list[int | str] = [64],  # noqa: B006
-        sampler: str = "ddim",  # calibrate the timesteps this sampler visits
+        sampler: Sampler = "ddim",  # calibrate the timesteps this sampler visits
         steps: int = 50,
         every_n_epochs: int = 0,  # 0: only at the end of fit
         num_images: int = 64,
@@ -113,7 +121,7 @@ class NoiseShiftCalibration(L.Callback):
     def run(self, trainer: L.Trainer, pl_module: DiffusionModule) -> NoiseShiftTable | None:
         if not trainer.is_global_zero:
             return None
-        timesteps = sampler_timesteps(pl_module.schedule.num_timesteps, self.sampler, self.steps)
+        timesteps = sampler_timesteps(pl_module.schedule, self.sampler, self.steps)
         with ema_weights(trainer, pl_module), trainer.precision_plugin.forward_context():
             table = calibrate_model(pl_module, trainer.datamodule, self.resolutions, timesteps, self.settings)
         run_dir = Path(trainer.default_root_dir)

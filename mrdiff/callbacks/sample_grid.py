@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 from torchvision.utils import save_image
 
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure
+from mrdiff.diffusion.samplers import Sampler
 from mrdiff.inference import parse_resolution, resolution_key
 from mrdiff.module import DiffusionModule
 from mrdiff.utils import atomic_write
@@ -28,8 +29,8 @@ class SampleGrid(L.Callback):
         resolutions: list[int | str] = [64],  # noqa: B006 - N or "HxW"
         num_samples: int = 16,
         every_n_steps: int = 1000,  # 0: only at the end of fit
-        sampler: Literal["ddpm", "ddim"] = "ddim",
-        steps: int = 50,  # DDIM steps
+        sampler: Sampler = "ddim",
+        steps: int = 50,  # DDIM / DPM-Solver++ steps
         eta: float = 0.0,
         seed: int = 0,  # sample i uses seed + i
         nrow: int | None = None,  # images per grid row; default ⌈√num_samples⌉

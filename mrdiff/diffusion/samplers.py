@@ -137,4 +137,79 @@ def ddim_sample(
     return x
 
 
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+LOG_SNR_MIN = -10.2  # DPM-Solver's clipping of λ = log-SNR / 2 at −5.1: a cosine schedule's last few t lie far below
+
+
+def dpm_solver_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
+    """The `steps` timesteps DPM-Solver++ evaluates ε at, descending from T − 1: uniform in log-SNR (DPM-Solver's
+    "logSNR" spacing, Lu et al. 2022 §3.3) from max(log-SNR_{T−1}, LOG_SNR_MIN) to log-SNR_0, rounded to
+    integers and kept distinct, without the last point, t = 0, which is where the final step lands."""
+    T = schedule.num_timesteps
+    if not 1 <= steps < T:
+        raise ValueError(f"DPM-Solver++ steps must be in [1, {T - 1}], got {steps}")
+    log_snr = np.linspace(max(schedule.log_snr[-1], LOG_SNR_MIN), schedule.log_snr[0], steps + 1)
+    t = schedule.t_from_log_snr(log_snr).numpy().round().astype(np.int64)
+    t[0], t[-1] = T - 1, 0
+    for i in range(steps - 1, 0, -1):  # rounding can merge neighbours near t = 0: push them apart
+        t[i] = min(max(t[i], t[i + 1] + 1), T - 1 - i)
+    return [int(v) for v in t[:-1]]
+
+
+@torch.no_grad()
+def dpm_solver_pp_2m_sample(
+    eps: EpsFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    *,
+    steps: int = 20,  # network calls
+    noise: Noise = None,  # unused: the solver is deterministic (kept for one sampler signature)
+    time_cond: TimeCond | None = None,
+    clip_denoised: bool = False,
+    progress: bool = False,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of the diffusion ODE
+    in data prediction x̂_0, one network call per step.
+
+    With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ_t = log(α_t/σ_t), h_i = λ_{t_i} − λ_{t_{i−1}} and r_i = h_{i−1}/h_i:
+        x_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) x_{t_{i−1}} − α_{t_i} (e^{−h_i} − 1) D_i,
+        D_i = (1 + 1/(2r_i)) x̂_0(t_{i−1}) − 1/(2r_i) x̂_0(t_{i−2}),
+    and D_i = x̂_0(t_{i−1}) (first order, i.e. DDIM) on the first step and, below 15 steps, on the last one
+    (diffusers' lower_order_final: with few, long steps the extrapolation overshoots there). The steps visit
+    dpm_solver_timesteps, uniform in log-SNR, and land on t = 0 as DPM-Solver's own code does for
+    discrete-time DDPMs: what is left there is noise of std √β_0 (0.01 for the linear schedule). The usual
+    alternatives measured worse with the Gaussian ε oracle (data variance 0.25, 20 steps): evenly spaced t
+    landing on t = 0 overshoots the variance by 50% (one long last step in log-SNR), and evenly spaced t with
+    a last jump to σ = 0 (diffusers' default) returns a blurred posterior mean, 9% short; log-SNR spacing is
+    2.6% over. This equals diffusers' DPMSolverMultistepScheduler with algorithm_type="dpmsolver++",
+    solver_order=2, final_sigmas_type="sigma_min" and these timesteps (tests/test_solvers.py).
+
+    Written against NoiseSchedule rather than as an adapter over diffusers' scheduler: the update is the
+    dozen lines above, needs no optional dependency, and keeps the float64 tables and the `time_cond`
+    hook (the network is fed time_cond(t); every coefficient stays at the nominal t) in plain sight.
+    """
+    time_cond = time_cond or _identity
+    timesteps = dpm_solver_timesteps(schedule, steps)
+    ends = [*timesteps[1:], 0]
+    lam = 0.5 * schedule.log_snr  # λ_t = log(α_t/σ_t)
+    x, x0_prev, h_prev = x_T, None, None
+    for i, (t, t_next) in enumerate(zip(_steps(timesteps, progress, f"DPM-Solver++(2M)-{steps}"), ends)):
+        t_batch = torch.full((x.shape[0],), float(t), device=x.device)
+        x0 = predict_x0(x, eps(x, time_cond(t_batch)), schedule.alphas_cumprod[t], clip_denoised)
+        h = float(lam[t_next] - lam[t])
+        last_first_order = i == len(timesteps) - 1 and steps < 15
+        if x0_prev is None or last_first_order:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        sigma_ratio = float(schedule.sqrt_one_minus_alphas_cumprod[t_next] / schedule.sqrt_one_minus_alphas_cumprod[t])
+        x = sigma_ratio * x - float(schedule.sqrt_alphas_cumprod[t_next] * np.expm1(-h)) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp_2m": dpm_solver_pp_2m_sample,
+}
+STEPPED = {"ddim", "dpmpp_2m"}  # samplers that take `steps` (DDPM visits all T)

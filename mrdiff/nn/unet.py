@@ -204,6 +204,10 @@ class UNet(nn.Module):
         return self
 
     @property
+    def in_channels(self) -> int:
+        return self.stem.in_channels
+
+    @property
     def downsampling_factor(self) -> int:
         """H and W must be multiples of this."""
         return 2 ** (self.num_levels - 1)
