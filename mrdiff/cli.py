@@ -118,6 +118,8 @@ class MrdiffTrainer(Trainer):
         fine_window: float = 0.01,
         fine_stride: float = 0.001,
         max_batch: int = 256,  # candidates × images per forward pass
+        k: float = 3.0,  # move t̂ only when the best candidate beats t by more than k standard errors
+        seed: int = 0,  # seed of the calibration's ε draws (a second seed checks a table's bands)
         out: str | None = None,  # default: <run dir>/noiseshift.json (merged into an existing table)
     ) -> Path:
         """Calibrate NoiseShift tables for a trained model at the given resolutions."""
@@ -126,7 +128,8 @@ class MrdiffTrainer(Trainer):
         sizes = checked_resolutions(model, resolutions)
         model = self._load_for_inference(model, ckpt_path, "calibrate")
         settings = SearchSettings(coarse_window=coarse_window, coarse_stride=coarse_stride, fine_window=fine_window,
-                                  fine_stride=fine_stride, num_images=num_images, max_batch=max_batch)
+                                  fine_stride=fine_stride, num_images=num_images, max_batch=max_batch, k=k,
+                                  seed=seed)
         timesteps = sampler_timesteps(model.schedule, sampler, steps)
         with self.precision_plugin.forward_context():
             table = calibrate_model(model, datamodule, sizes, timesteps, settings,

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from mrdiff.callbacks.noiseshift import plot_table, resolution_warning, summary, unresolved
 from mrdiff.diffusion.noiseshift import (
     AnalyticShift,
     Calibration,
@@ -24,6 +25,8 @@ from mrdiff.diffusion.noiseshift import (
     SearchSettings,
     calibrate,
     checkpoint_hash,
+    critical_value,
+    decide,
     weights_hash,
 )
 from mrdiff.diffusion.samplers import EpsFn, TimeCond, ddim_sample, ddim_timesteps
@@ -31,7 +34,7 @@ from mrdiff.diffusion.schedule import NoiseSchedule
 
 SCHEDULE = NoiseSchedule()
 STRIDE = SearchSettings().fine_stride
-MID_T = [500, 600, 700, 800]  # where 2^20 oracle pixels pin the optimum to < 1/4 fine stride (1 s.d.)
+MID_T = [500, 600, 700, 800]  # where 2^22 oracle pixels pin the optimum to < 1/8 fine stride (1 s.d.)
 
 
 def oracle(schedule: NoiseSchedule, v: float) -> EpsFn:
@@ -73,28 +76,87 @@ def sigma_gap(schedule: NoiseSchedule, a: float, b: float) -> float:
 
 
 # -- calibration -----------------------------------------------------------------------------------------
-def test_exact_oracle_gives_identity() -> None:
-    images = gaussian_images(4096, (1, 16, 16), 8.0)
-    settings = SearchSettings(num_images=4096, max_batch=1024)
-    cal = calibrate(oracle(SCHEDULE, 8.0), SCHEDULE, images, MID_T, settings, progress=False)
-    assert cal.t == [float(t) for t in MID_T]
-    for t, t_hat in zip(cal.t, cal.t_hat, strict=True):
-        assert sigma_gap(SCHEDULE, t_hat, t) <= STRIDE + 1e-9, (t, t_hat)
-    assert all(h <= lt + 1e-15 for h, lt in zip(cal.loss_t_hat, cal.loss_t, strict=True))
+QUICKSTART = {"coarse_stride": 0.02, "fine_stride": 0.002}  # configs/quickstart.yaml's search
+DDIM_25 = ddim_timesteps(SCHEDULE.num_timesteps, 25)
+
+
+@pytest.mark.parametrize("num_images", [8, 64, 256])
+@pytest.mark.parametrize("variance", [0.25, 1.0, 4.0, 16.0])
+def test_exact_oracle_keeps_t_at_every_timestep(num_images: int, variance: float) -> None:
+    images = gaussian_images(num_images, (3, 16, 16), variance)
+    settings = SearchSettings(num_images=num_images, max_batch=4096, **QUICKSTART)
+    cal = calibrate(oracle(SCHEDULE, variance), SCHEDULE, images, DDIM_25, settings, progress=False)
+    assert cal.t_hat == cal.t
+    assert cal.loss_diff == [0.0] * len(cal.t) and cal.loss_diff_se == [0.0] * len(cal.t)
+    assert all(lo < t < hi for lo, t, hi in zip(cal.band_lo, cal.t, cal.band_hi, strict=True) if 0 < t < 999)
+
+
+def test_plain_argmin_chases_noise_on_the_exact_oracle() -> None:
+    # what the rule prevents: k = 0 is the argmin of the tables before it, far from t = t̂ with 8 images
+    images = gaussian_images(8, (3, 16, 16), 1.0)
+    settings = SearchSettings(num_images=8, k=0.0, **QUICKSTART)
+    cal = calibrate(oracle(SCHEDULE, 1.0), SCHEDULE, images, DDIM_25, settings, progress=False)
+    assert cal.moved >= 15
+    assert max(abs(h - t) for t, h in zip(cal.t, cal.t_hat, strict=True)) > 20
+
+
+def test_exact_oracle_false_moves_are_rare_with_few_images() -> None:
+    # k = 3 with the Student-t quantile: at most 0.27% of timesteps in the worst case (a flat objective)
+    moved = 0
+    for seed in range(20):
+        images = gaussian_images(8, (3, 8, 8), 1.0, seed=100 + seed)
+        settings = SearchSettings(num_images=8, seed=seed, **QUICKSTART)
+        moved += calibrate(oracle(SCHEDULE, 1.0), SCHEDULE, images, DDIM_25, settings, progress=False).moved
+    assert moved <= 2  # of 500 timesteps
 
 
 @pytest.mark.parametrize(("s2", "v"), [(8.0, 4.0), (4.0, 8.0)])  # model under-/over-estimates the variance
 def test_mismatched_oracle_matches_closed_form(s2: float, v: float) -> None:
-    images = gaussian_images(4096, (1, 16, 16), s2)
-    settings = SearchSettings(num_images=4096, max_batch=1024)
+    images = gaussian_images(16384, (1, 16, 16), s2)  # 2^22 pixels: the optimum to < 1/8 fine stride
+    settings = SearchSettings(num_images=16384, max_batch=4096)
     cal = calibrate(oracle(SCHEDULE, v), SCHEDULE, images, MID_T, settings, progress=False)
-    for t, t_hat in zip(cal.t, cal.t_hat, strict=True):
+    for i, t in enumerate(cal.t):
         expected = closed_form_t_hat(SCHEDULE, int(t), s2, v)
         assert sigma_gap(SCHEDULE, expected, t) > 10 * STRIDE  # a real shift, not the identity
-        assert (t_hat < t) == (s2 > v)
-        assert sigma_gap(SCHEDULE, t_hat, expected) <= STRIDE + 1e-9, (t, t_hat, expected)
-    assert all(h <= lt for h, lt in zip(cal.loss_t_hat, cal.loss_t, strict=True))
-    assert all(h < lt for h, lt in zip(cal.loss_t_hat, cal.loss_t, strict=True))  # shift helps strictly
+        assert (cal.t_hat[i] < t) == (s2 > v)
+        assert sigma_gap(SCHEDULE, cal.t_hat[i], expected) <= STRIDE + 1e-9, (t, cal.t_hat[i], expected)
+        assert cal.band_lo[i] <= expected <= cal.band_hi[i]
+        assert cal.loss_diff[i] < -10 * cal.loss_diff_se[i]  # the shift helps, by many standard errors
+        assert cal.loss_diff[i] == pytest.approx(cal.loss_t_hat[i] - cal.loss_t[i], rel=1e-9)
+
+
+def test_another_seed_agrees_within_the_bands() -> None:
+    # new ε and new images; a real shift at 17 of 25 timesteps, inside the search window everywhere
+    runs = [calibrate(oracle(SCHEDULE, 4.0), SCHEDULE, gaussian_images(64, (3, 16, 16), 6.0, seed=1234 + seed),
+                      DDIM_25, SearchSettings(num_images=64, seed=seed, **QUICKSTART), progress=False)
+            for seed in (0, 1)]
+    for this, other in (runs, runs[::-1]):
+        assert this.moved >= 15
+        assert all(lo <= h <= hi for lo, h, hi in zip(this.band_lo, other.t_hat, this.band_hi, strict=True))
+        expected = [closed_form_t_hat(SCHEDULE, int(t), 6.0, 4.0) for t in this.t[1:]]
+        assert all(lo <= e <= hi for lo, e, hi in zip(this.band_lo[1:], expected, this.band_hi[1:], strict=True))
+    width = np.subtract(runs[0].band_hi, runs[0].band_lo)
+    assert np.median(width) < 40  # not agreement by vagueness: bands narrower than a DDIM-25 step
+
+
+def test_decide_keeps_t_unless_the_gain_exceeds_the_threshold() -> None:
+    # candidate 1 beats t by 1, 2, 3, 4 on four images: mean 2.5, s.d. 1.29, s.e. 0.645, so 3.87 s.e.
+    reference = np.array([10.0, 10.0, 10.0, 10.0])
+    losses = np.stack([reference, reference - [1.0, 2.0, 3.0, 4.0], reference + 5.0])
+    cands, distance = np.array([500.0, 480.0, 520.0]), np.array([0.0, 1.0, 1.0])
+    moved = decide(reference, cands, losses, distance, threshold=3.8)
+    assert moved.t_hat == 480.0 and moved.loss_diff == -2.5
+    assert moved.loss_diff_se == pytest.approx(math.sqrt(5 / 3) / 2)
+    assert (moved.band_lo, moved.band_hi) == (480.0, 500.0)  # 500 is excluded, nothing below 480 was scored
+    kept = decide(reference, cands, losses, distance, threshold=3.9)
+    assert kept.t_hat == 500.0 and kept.loss_diff == 0.0 and kept.loss_diff_se == 0.0
+    assert (kept.band_lo, kept.band_hi) == (480.0, 520.0)  # t and the best tied; 520 is 7.5 above: excluded
+
+
+def test_critical_value_uses_the_t_quantile() -> None:
+    assert critical_value(0.0, 8) == 0.0
+    assert critical_value(3.090232, 8) == pytest.approx(4.785, abs=1e-3)  # printed tables: t_7 at 0.999
+    assert critical_value(3.0, 100_000) == pytest.approx(3.0, abs=1e-3)
 
 
 def test_monotone_and_clamped_with_noisy_estimates() -> None:
@@ -146,6 +208,12 @@ def test_calibrate_evaluates_candidates_in_batches_with_float_t() -> None:
 def test_settings_and_timesteps_validated() -> None:
     with pytest.raises(ValueError, match="fine_stride"):
         SearchSettings(fine_stride=0.0)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        SearchSettings(k=-1.0)
+    with pytest.raises(ValueError, match="num_images must be >= 2"):
+        SearchSettings(num_images=1)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        calibrate(oracle(SCHEDULE, 1.0), SCHEDULE, torch.zeros(1, 1, 2, 2), [10], progress=False)
     with pytest.raises(ValueError, match="timesteps"):
         calibrate(oracle(SCHEDULE, 1.0), SCHEDULE, torch.zeros(2, 1, 2, 2), [1000], progress=False)
     with pytest.raises(ValueError, match="integers"):
@@ -162,24 +230,49 @@ def small_table(checkpoint: str | None = "abcdef0123456789") -> NoiseShiftTable:
     return table
 
 
+def table_with_uncertainty() -> NoiseShiftTable:
+    """small_table plus a resolution written by the noise-aware search (loss differences, s.e., bands)."""
+    table = small_table()
+    table.settings["k"] = 3.0
+    table.add("48", Calibration([0, 500, 999], [0, 450, 999], [1.0, 0.5, 0.2], [1.0, 0.45, 0.2],
+                                loss_diff=[0.0, -0.05, 0.0], loss_diff_se=[0.0, 0.01, 0.0],
+                                band_lo=[0.0, 440.0, 990.0], band_hi=[3.0, 470.0, 999.0]))
+    return table
+
+
 def test_resolution_key() -> None:
     assert NoiseShiftTable.resolution_key(64, 64) == "64"
     assert NoiseShiftTable.resolution_key(96, 128) == "96x128"
-    assert small_table().resolutions() == ["32", "96x128", "128"]  # by pixel count
+    assert table_with_uncertainty().resolutions() == ["32", "48", "96x128", "128"]  # by pixel count
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
-    table = small_table()
+    table = table_with_uncertainty()
     path = tmp_path / "sub" / "noiseshift.json"
     table.save(path)
     assert [p.name for p in path.parent.iterdir()] == ["noiseshift.json"]  # no temp file left behind
     doc = json.loads(path.read_text())
     assert doc["format_version"] == 1 and doc["schedule"] == SCHEDULE.describe()
     expected = {"t": [100.0], "t_hat": [90.0], "loss_t": [0.3], "loss_t_hat": [0.2]}
-    assert doc["resolutions"]["96x128"] == expected
+    assert doc["resolutions"]["96x128"] == expected  # a table without uncertainty (as before issue 12)
+    assert doc["resolutions"]["48"]["band_lo"] == [0.0, 440.0, 990.0]
     loaded = NoiseShiftTable.load(path, schedule=SCHEDULE, checkpoint="abcdef0123456789")
     assert loaded.to_dict() == table.to_dict()
-    assert loaded["128"] == table["128"]
+    assert loaded["128"] == table["128"] and not loaded["128"].has_uncertainty
+    assert loaded["48"] == table["48"] and loaded["48"].loss_diff_se == [0.0, 0.01, 0.0]
+
+
+def test_tables_written_before_issue_12_still_load(tmp_path: Path) -> None:
+    doc = table_with_uncertainty().to_dict()
+    doc["settings"].pop("k")
+    for entry in doc["resolutions"].values():
+        for name in ("loss_diff", "loss_diff_se", "band_lo", "band_hi"):
+            entry.pop(name, None)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(doc))
+    loaded = NoiseShiftTable.load(path, schedule=SCHEDULE, checkpoint="abcdef0123456789")
+    assert loaded["48"].t_hat == [0.0, 450.0, 999.0] and loaded["48"].band_lo is None
+    assert loaded.time_cond(48, 48)(torch.tensor([500.0])).item() == 450.0
 
 
 def test_load_errors(tmp_path: Path) -> None:
@@ -242,6 +335,7 @@ def test_weights_hash_names_the_weights_and_the_table_checks_it(tmp_path: Path) 
     ({"t_hat": [0, 400]}, "equally long"),
     ({"t_hat": [0, 400, 1200]}, r"t_hat spans 0.0..1200.0, outside \[0, 999\]"),
     ({"t": [-5, 500, 999]}, r"t spans -5.0..999.0, outside"),
+    ({"loss_diff": [0.0, -0.1, 0.0]}, r"holds \['loss_diff'\] but not all of"),
 ])
 def test_load_rejects_impossible_tables_naming_the_file(tmp_path: Path, resolution, message) -> None:
     doc = small_table().to_dict()
@@ -249,6 +343,23 @@ def test_load_rejects_impossible_tables_naming_the_file(tmp_path: Path, resoluti
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(doc))  # json writes NaN / Infinity, as a hand-edited or buggy table can hold
     with pytest.raises(ValueError, match=f"bad.json is malformed .*resolution 32.*{message}"):
+        NoiseShiftTable.load(path)
+
+
+@pytest.mark.parametrize(("resolution", "message"), [
+    ({"loss_diff_se": [0.0, -0.01, 0.0]}, "negative standard errors"),
+    ({"loss_diff": [0.0, float("nan"), 0.0]}, "loss_diff holds non-finite"),
+    ({"band_lo": [0.0, 455.0, 990.0]}, r"t_hat must lie within \[band_lo, band_hi\]"),
+    ({"band_hi": [3.0, 445.0, 999.0]}, r"t_hat must lie within \[band_lo, band_hi\]"),
+    ({"band_hi": [3.0, 470.0, 1005.0]}, r"band_hi spans 3.0..1005.0, outside \[0, 999\]"),
+    ({"band_lo": [0.0, 440.0]}, "equally long"),
+])
+def test_load_rejects_impossible_uncertainty(tmp_path: Path, resolution, message) -> None:
+    doc = table_with_uncertainty().to_dict()
+    doc["resolutions"]["48"] = {**doc["resolutions"]["48"], **resolution}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=f"bad.json is malformed .*resolution 48.*{message}"):
         NoiseShiftTable.load(path)
 
 
@@ -333,3 +444,34 @@ def test_ddim_feeds_time_cond_to_eps() -> None:
     assert any(a[0].item() != b[0].item() for a, b in zip(ts_shift, ts_id, strict=True))
     assert torch.equal(out_shift, out_id)
     assert all(torch.equal(a, b) for a, b in zip(xs_shift, xs_id, strict=True))
+
+
+# -- what `mrdiff calibrate` says ------------------------------------------------------------------------
+def test_calibrate_warns_only_when_the_images_cannot_resolve_a_shift() -> None:
+    settings = dict(max_batch=4096, **QUICKSTART)
+
+    def run(num_images: int, s2: float, v: float) -> tuple[Calibration, SearchSettings]:
+        s = SearchSettings(num_images=num_images, **settings)
+        images = gaussian_images(num_images, (3, 16, 16), s2)
+        return calibrate(oracle(SCHEDULE, v), SCHEDULE, images, DDIM_25, s, progress=False), s
+
+    few, s = run(3, 6.0, 4.0)  # a real shift at most timesteps, but 3 images show it at few of them
+    assert few.moved <= 5
+    warning = resolution_warning("16", few, SCHEDULE, s, 3)
+    assert warning is not None and "with 3 images" in warning and "--num_images" in warning
+    many, s = run(64, 6.0, 4.0)  # the same shift, resolved
+    assert many.moved >= 15 and resolution_warning("16", many, SCHEDULE, s, 64) is None
+    assert summary(many, 3.0).startswith(f"t̂ moved at {many.moved} of 25 timesteps (k = 3)")
+    exact, s = run(256, 4.0, 4.0)  # no shift, and the data say so: t kept without a warning
+    assert exact.moved == 0 and resolution_warning("16", exact, SCHEDULE, s, 256) is None
+    assert unresolved(few, SCHEDULE, s).mean() > 0.5 > unresolved(exact, SCHEDULE, s).mean()
+
+
+def test_plot_draws_bands_and_tables_without_them(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    path = plot_table(table_with_uncertainty(), tmp_path / "noiseshift.png")
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[:2] == (400, 600)
+    plot_table(small_table(), tmp_path / "old.png")  # no bands to draw: still a plot
+    assert (tmp_path / "old.png").stat().st_size > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure
 from mrdiff.data.datamodule import MultiResDataModule
-from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings, calibrate, weights_hash
+from mrdiff.diffusion.noiseshift import Calibration, NoiseShiftTable, SearchSettings, calibrate, weights_hash
 from mrdiff.diffusion.samplers import SAMPLERS, Sampler, ddim_timesteps, dpm_solver_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.inference import parse_resolution
@@ -45,7 +46,8 @@ def calibrate_model(
 ) -> NoiseShiftTable:
     """A table with one calibration per resolution, on data images prepared at that resolution.
 
-    The table names the weights it was calibrated for (weights_hash of the model as it is now).
+    The table names the weights it was calibrated for (weights_hash of the model as it is now). Prints per
+    resolution how many timesteps moved, and warns when the images cannot resolve any shift.
     """
     table = NoiseShiftTable.new(model.schedule, checkpoint=checkpoint, settings=settings,
                                 data=datamodule.describe(), weights=weights_hash(model))
@@ -60,16 +62,56 @@ def calibrate_model(
                                     timesteps, settings, progress=progress)
             key = NoiseShiftTable.resolution_key(height, width)
             table.add(key, calibration)
-            shift = np.asarray(calibration.t_hat) - np.asarray(calibration.t)
-            print(f"mrdiff: NoiseShift {key}: {len(timesteps)} timesteps in {time.perf_counter() - start:.1f}s, "
-                  f"t̂ − t from {shift.min():+.1f} to {shift.max():+.1f}")
+            print(f"mrdiff: NoiseShift {key}: {len(timesteps)} timesteps in {time.perf_counter() - start:.1f}s; "
+                  + summary(calibration, settings.k))
+            warning = resolution_warning(key, calibration, model.schedule, settings, images.shape[0])
+            if warning:
+                print(f"mrdiff: warning: {warning}", file=sys.stderr)
     finally:
         model.train(was_training)
     return table
 
 
+def summary(calibration: Calibration, k: float) -> str:
+    """'t̂ moved at 3 of 25 timesteps (k = 3), t̂ − t from −12.0 to +0.0, median band width 8.1 timesteps'."""
+    shift = np.asarray(calibration.t_hat) - np.asarray(calibration.t)
+    line = (f"t̂ moved at {calibration.moved} of {len(shift)} timesteps (k = {k:g}), "
+            f"t̂ − t from {shift.min():+.1f} to {shift.max():+.1f}")
+    if calibration.has_uncertainty:
+        width = np.asarray(calibration.band_hi) - np.asarray(calibration.band_lo)
+        line += f", median band width {np.median(width):.1f} timesteps"
+    return line
+
+
+def unresolved(calibration: Calibration, schedule: NoiseSchedule, settings: SearchSettings) -> np.ndarray:
+    """[timesteps] True where the band reaches a coarse stride (σ_rf) or more on each side of t̂ (or the end
+    of [0, T−1]): there the data cannot tell t̂ from the next step of the search's own coarse grid."""
+    sigma = schedule.sigma_rf_at
+    reach = settings.coarse_stride
+    lo = np.asarray(sigma(np.asarray(calibration.band_lo)))
+    hi = np.asarray(sigma(np.asarray(calibration.band_hi)))
+    center = np.asarray(sigma(np.asarray(calibration.t_hat)))
+    bottom, top = float(sigma(0.0)), float(sigma(schedule.num_timesteps - 1.0))
+    return (lo <= np.maximum(center - reach, bottom) + 1e-9) & (hi >= np.minimum(center + reach, top) - 1e-9)
+
+
+def resolution_warning(
+    key: str, calibration: Calibration, schedule: NoiseSchedule, settings: SearchSettings, num_images: int
+) -> str | None:
+    """A warning when at half the timesteps or more the band spans the search (`unresolved`)."""
+    if not calibration.has_uncertainty:
+        return None
+    blind = unresolved(calibration, schedule, settings)
+    if blind.mean() < 0.5:
+        return None
+    return (f"NoiseShift {key}: with {num_images} images the search cannot tell a shift of one coarse stride "
+            f"(±{settings.coarse_stride:g} σ_rf) from none at {int(blind.sum())} of {len(blind)} timesteps, "
+            "so t̂ stays at t there for lack of evidence, not because the model needs no shift: "
+            "calibrate with more images (--num_images; the README says how many)")
+
+
 def plot_table(table: NoiseShiftTable, path: Path) -> Path:
-    """t̂ − t against t, one line per resolution (PNG)."""
+    """t̂ − t against t, one line per resolution, with the band of candidates tied with the best (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,9 +120,16 @@ def plot_table(table: NoiseShiftTable, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for key in table.resolutions():
         cal = table[key]
-        ax.plot(cal.t, np.asarray(cal.t_hat) - np.asarray(cal.t), marker=".", label=key)
+        t = np.asarray(cal.t)
+        (line,) = ax.plot(t, np.asarray(cal.t_hat) - t, marker=".", label=f"{key} ({cal.moved} moved)")
+        if cal.has_uncertainty:
+            ax.fill_between(t, np.asarray(cal.band_lo) - t, np.asarray(cal.band_hi) - t, color=line.get_color(),
+                            alpha=0.2, lw=0)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="timestep t", ylabel="t̂ − t", title="NoiseShift calibration per resolution")
+    k = table.settings.get("k")
+    band = "" if k is None else f"; bands: within k = {k:g} standard errors of the best"
+    ax.set(xlabel="timestep t", ylabel="t̂ − t", title=f"NoiseShift calibration per resolution{band}")
+    ax.title.set_fontsize(9)
     ax.legend(title="resolution")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +158,8 @@ class NoiseShiftCalibration(L.Callback):
         fine_window: float = 0.01,
         fine_stride: float = 0.001,
         max_batch: int = 256,
+        k: float = 3.0,  # move t̂ only when the best candidate beats t by more than k standard errors
+        seed: int = 0,  # seed of the calibration's ε draws
         filename: str = "noiseshift.json",
     ) -> None:
 
@@ -116,7 +167,7 @@ class NoiseShiftCalibration(L.Callback):
         self.sampler, self.steps, self.every_n_epochs, self.filename = sampler, steps, every_n_epochs, filename
         self.settings = SearchSettings(coarse_window=coarse_window, coarse_stride=coarse_stride,
                                        fine_window=fine_window, fine_stride=fine_stride,
-                                       num_images=num_images, max_batch=max_batch)
+                                       num_images=num_images, max_batch=max_batch, k=k, seed=seed)
 
     def run(self, trainer: L.Trainer, pl_module: DiffusionModule) -> NoiseShiftTable | None:
         if not trainer.is_global_zero:

@@ -1,0 +1,231 @@
+"""Issue 12's measurements: the noise-aware NoiseShift rule on a shipped model, written by one run.
+
+    PYTHONPATH=. python results/noiseshift/measure.py [--model models/evidence/fixed.pt] [--size 24]
+
+On held-out synthetic-scene renders at one resolution (DDIM-25 timesteps, configs/quickstart.yaml's search):
+1. tables with the noise-aware rule (k = 3) for 8 and 32 images (the README's guidance), a second 32-image
+   table with another ε seed and other images (agreement within bands), and today's argmin (k = 0) with the
+   first table's images and noise;
+2. on fresh images and noise, the one-step loss at each table's t̂ minus the loss at t (summed over timesteps,
+   per image; mean with a 95% t-interval): does a table's move generalise?
+3. DDIM-25 samples with seeds 0..S−1 without a table, with today's table and with the noise-aware one: one-sun
+   rate (Wilson 95%) and spectrum distance to held-out renders (bootstrap 95%), and the paired differences
+   noise-aware − today (bootstrap over seeds, 95%).
+Writes measure.json, table.md and t_hat.png next to this file (or in --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.stats
+import torch
+
+from mrdiff.callbacks.noiseshift import resolution_warning, sampler_timesteps, summary, unresolved
+from mrdiff.data.synthetic import render_canvas, sample_scene
+from mrdiff.diffusion.noiseshift import Calibration, InterpolatedTimeCond, SearchSettings, calibrate
+from mrdiff.evidence import HELD_OUT_SEED, load_model
+from mrdiff.metrics.detail import bootstrap_interval, radial_power_spectrum, spectrum_distance, wilson_interval
+from mrdiff.metrics.structure import sun_counts
+
+IMAGE_SETS = {"a": 0, "b": 10_000, "fresh": 20_000, "reference": 30_000}  # offsets above HELD_OUT_SEED
+
+
+def renders(size: int, num: int, image_set: str) -> torch.Tensor:
+    """Held-out scenes (never in the training set) rendered at size², one disjoint set per name."""
+    first = HELD_OUT_SEED + IMAGE_SETS[image_set]
+    return torch.stack([render_canvas(sample_scene(first + i), size, size) for i in range(num)])
+
+
+def t_interval(values: np.ndarray) -> tuple[float, float]:
+    """95% Student-t interval of the mean."""
+    half = scipy.stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def calibrations(model, size: int, steps: list[int]) -> dict[str, dict]:
+    """name → {calibration, settings, seconds, images}."""
+    grid, scale = model.canvas_inputs(size, size)
+    eps = model.eps_fn(grid, scale)
+    plan = {"aware_8": (8, 3.0, 0, "a"), "aware_32": (32, 3.0, 0, "a"),
+            "aware_32_seed1": (32, 3.0, 1, "b"), "today_32": (32, 0.0, 0, "a")}
+    out = {}
+    for name, (num, k, seed, image_set) in plan.items():
+        settings = SearchSettings(num_images=num, k=k, seed=seed, coarse_stride=0.02, fine_stride=0.002,
+                                  max_batch=512)
+        start = time.perf_counter()
+        cal = calibrate(eps, model.schedule, renders(size, num, image_set), steps, settings, progress=False)
+        out[name] = {"calibration": cal, "settings": settings, "seconds": time.perf_counter() - start,
+                     "images": image_set}
+        print(f"{name}: {summary(cal, k)} ({out[name]['seconds']:.0f} s)", flush=True)
+    return out
+
+
+def agreement(a: Calibration, b: Calibration) -> dict[str, int]:
+    """Timesteps where b's t̂ lies in a's band, a's in b's, and both."""
+    in_a = [lo <= h <= hi for lo, h, hi in zip(a.band_lo, b.t_hat, a.band_hi, strict=True)]
+    in_b = [lo <= h <= hi for lo, h, hi in zip(b.band_lo, a.t_hat, b.band_hi, strict=True)]
+    return {"b_in_a": sum(in_a), "a_in_b": sum(in_b), "both": sum(x and y for x, y in zip(in_a, in_b, strict=True)),
+            "timesteps": len(in_a)}
+
+
+def one_step_loss(eps, x_t: torch.Tensor, noise: torch.Tensor, c: float) -> np.ndarray:
+    """[N] per-image mean of (ε_θ(x_t, c) − ε)²."""
+    pred = eps(x_t, torch.full((x_t.shape[0],), float(c)))
+    return (pred - noise).pow(2).flatten(1).double().mean(1).numpy()
+
+
+@torch.no_grad()
+def held_out_gain(model, size: int, tables: dict[str, Calibration], num: int) -> dict[str, dict]:
+    """Per table: Σ_t [ℓ_i(t̂) − ℓ_i(t)] per fresh image i on fresh noise; mean and 95% t-interval."""
+    grid, scale = model.canvas_inputs(size, size)
+    eps, schedule = model.eps_fn(grid, scale), model.schedule
+    x0, generator = renders(size, num, "fresh"), torch.Generator().manual_seed(12)
+    totals = {name: np.zeros(num) for name in tables}
+    steps = next(iter(tables.values())).t
+    for i, t in enumerate(steps):
+        noise = torch.randn(x0.shape, generator=generator)
+        ab = float(schedule.alphas_cumprod[int(t)])
+        x_t = ab**0.5 * x0 + (1 - ab) ** 0.5 * noise
+
+        at_t, cache = one_step_loss(eps, x_t, noise, t), {}
+        for name, cal in tables.items():
+            c = cal.t_hat[i]
+            if c != t:
+                cache[c] = cache[c] if c in cache else one_step_loss(eps, x_t, noise, c)
+                totals[name] += cache[c] - at_t
+    return {name: {"mean": float(v.mean()), "ci": t_interval(v) if v.any() else (0.0, 0.0)}
+            for name, v in totals.items()}
+
+
+@torch.no_grad()
+def sampled(model, size: int, tables: dict[str, Calibration | None], num: int, steps: int,
+            reference: torch.Tensor) -> dict:
+    """One-sun rate and spectrum distance per variant, and the paired differences aware − today."""
+    ref_spectrum = radial_power_spectrum(reference)
+    seeds, out, per_seed = list(range(num)), {}, {}
+    for name, cal in tables.items():
+        cond = None if cal is None else InterpolatedTimeCond(np.array(cal.t), np.array(cal.t_hat), 1000)
+        start = time.perf_counter()
+        images = model.sample(seeds, size, size, steps=steps, time_cond=cond).float()
+        one = (sun_counts(images) == 1).astype(float)
+        spectra = radial_power_spectrum(images)
+        per_seed[name] = (one, spectra)
+        dist = spectrum_distance(spectra, ref_spectrum)
+        out[name] = {"one_sun_rate": float(one.mean()), "one_sun_ci": wilson_interval(int(one.sum()), num),
+                     "spectrum_distance": dist,
+                     "spectrum_ci": bootstrap_interval(spectra, lambda s: spectrum_distance(s, ref_spectrum)),
+                     "seconds": time.perf_counter() - start}
+        print(f"samples {name}: one-sun {one.mean():.3f}, spectrum {dist:.3f}", flush=True)
+    (one_a, spec_a), (one_t, spec_t) = per_seed["aware"], per_seed["today"]
+    index = np.arange(num)
+    out["aware_minus_today"] = {
+        "one_sun_rate": float(one_a.mean() - one_t.mean()),
+        "one_sun_ci": bootstrap_interval(index, lambda i: one_a[i].mean() - one_t[i].mean()),
+        "spectrum_distance": spectrum_distance(spec_a, ref_spectrum) - spectrum_distance(spec_t, ref_spectrum),
+        "spectrum_ci": bootstrap_interval(index, lambda i: spectrum_distance(spec_a[i], ref_spectrum)
+                                          - spectrum_distance(spec_t[i], ref_spectrum)),
+        "seeds_with_different_one_sun": int((one_a != one_t).sum()),
+    }
+    return out
+
+
+def figure(cals: dict[str, dict], path: Path) -> None:
+    """t̂ − t of the 32-image tables: noise-aware with its band, its second seed, and today's argmin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a, b, today = (cals[n]["calibration"] for n in ("aware_32", "aware_32_seed1", "today_32"))
+    t = np.asarray(a.t)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.fill_between(t, np.asarray(a.band_lo) - t, np.asarray(a.band_hi) - t, alpha=0.25, lw=0,
+                    label="band (seed 0, k = 3)")
+    ax.plot(t, np.asarray(a.t_hat) - t, marker="o", label=f"noise-aware, seed 0 ({a.moved} moved)")
+    ax.plot(t, np.asarray(b.t_hat) - t, marker="x", ls="--", label=f"noise-aware, seed 1 ({b.moved} moved)")
+    ax.plot(t, np.asarray(today.t_hat) - t, marker=".", ls=":", label=f"argmin (k = 0), seed 0 ({today.moved} moved)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xlabel="timestep t", ylabel="t̂ − t", title="NoiseShift at 24², fixed model, 32 images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    """The README's tables."""
+    meta = result["meta"]
+    lines = [f"Written by `{meta['command']}` ({meta['machine']}, torch {meta['torch']}, 1 thread) in "
+             f"{meta['wall_seconds'] / 60:.1f} min; {meta['model']} at {meta['size']}², "
+             f"DDIM-{meta['steps']} timesteps.", "",
+             "| table | images | k | moved | median band width (timesteps) | timesteps unresolved | warns |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for name, row in result["tables"].items():
+        lines.append(f"| {name} | {row['images']} | {row['k']:g} | {row['moved']} of {row['timesteps']} | "
+                     f"{row['median_band_width']:.1f} | {row['unresolved']} | {'yes' if row['warning'] else 'no'} |")
+    g = result["agreement"]
+    lines += ["", f"Seed 0 vs seed 1 (other ε, other images), 32 images: seed 1's t̂ in seed 0's band at "
+              f"{g['b_in_a']} of {g['timesteps']} timesteps, seed 0's in seed 1's at {g['a_in_b']}; today's argmin "
+              f"t̂ in seed 1's noise-aware band at {result['today_in_aware_band']} of {g['timesteps']}.", "",
+              "| on 64 fresh images and noise | Σ_t ℓ(t̂) − ℓ(t) per image, mean [95% CI] |", "|---|---:|"]
+    for name, row in result["held_out"].items():
+        lines.append(f"| {name} | {row['mean']:+.5f} [{row['ci'][0]:+.5f}, {row['ci'][1]:+.5f}] |")
+    s = result["samples"]
+    lines += ["", f"| {meta['num_samples']} DDIM-{meta['steps']} samples, seeds 0..{meta['num_samples'] - 1} | "
+              "one-sun rate [95% CI] | spectrum distance ↓ [95% CI] |", "|---|---:|---:|"]
+    for name in ("none", "today", "aware", "aware_minus_today"):
+        r, f = s[name], "{:+.3f}" if name == "aware_minus_today" else "{:.3f}"
+        cells = [f"{f.format(r[m])} [{f.format(r[ci][0])}, {f.format(r[ci][1])}]"
+                 for m, ci in (("one_sun_rate", "one_sun_ci"), ("spectrum_distance", "spectrum_ci"))]
+        lines.append(f"| {name.replace('_', ' ')} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/evidence/fixed.pt")
+    p.add_argument("--size", type=int, default=24)
+    p.add_argument("--num-samples", type=int, default=160)
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps: the timesteps calibrated and sampled")
+    p.add_argument("--out", default=str(Path(__file__).parent))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    start, out = time.time(), Path(args.out)
+    model, _ = load_model(Path(args.model), torch.device("cpu"))
+    steps = sampler_timesteps(model.schedule, "ddim", args.steps)
+    with torch.no_grad():
+        cals = calibrations(model, args.size, steps)
+    tables = {}
+    for name, c in cals.items():
+        cal, s = c["calibration"], c["settings"]
+        tables[name] = {"images": s.num_images, "k": s.k, "seed": s.seed, "moved": cal.moved, "timesteps": len(cal.t),
+                        "median_band_width": float(np.median(np.subtract(cal.band_hi, cal.band_lo))),
+                        "unresolved": int(unresolved(cal, model.schedule, s).sum()),
+                        "warning": resolution_warning(str(args.size), cal, model.schedule, s, s.num_images),
+                        "seconds": c["seconds"], "calibration": cal.to_dict()}
+    a, b, today = (cals[n]["calibration"] for n in ("aware_32", "aware_32_seed1", "today_32"))
+    result = {"tables": tables, "agreement": agreement(a, b),
+              "today_in_aware_band": agreement(b, today)["b_in_a"],
+              "held_out": held_out_gain(model, args.size, {"today": today, "aware": a}, 64),
+              "samples": sampled(model, args.size, {"none": None, "today": today, "aware": a}, args.num_samples,
+                                 args.steps, renders(args.size, 400, "reference"))}
+    result["meta"] = {"command": "PYTHONPATH=. python " + " ".join(sys.argv), "model": args.model, "size": args.size,
+                      "num_samples": args.num_samples, "steps": args.steps, "torch": torch.__version__,
+                      "machine": platform.processor() or platform.machine(), "wall_seconds": time.time() - start}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "measure.json").write_text(json.dumps(result, indent=1, default=float))
+    (out / "table.md").write_text(markdown(result))
+    figure(cals, out / "t_hat.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
