@@ -223,6 +223,10 @@ class MrdiffArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+DESCRIPTION = ("mrdiff: train a multi-resolution diffusion model (fit), sample it at any resolution (sample), "
+               "calibrate NoiseShift tables (calibrate) and measure FID per resolution (test).")
+
+
 class MrdiffCLI(LightningCLI):
     """LightningCLI for DiffusionModule + MultiResDataModule with mrdiff's extra subcommands."""
 
@@ -232,6 +236,7 @@ class MrdiffCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", SaveConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         super().__init__(DiffusionModule, MultiResDataModule, *args, **kwargs)
 
     @staticmethod
