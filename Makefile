@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP)  # every test, `slow` ones included (none is marked slow yet)
 	$(BIN)/pytest -q
 
 demo: $(STAMP)

@@ -24,11 +24,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from mrdiff.diffusion.loss import simple_loss
 from mrdiff.diffusion.noiseshift import SearchSettings, calibrate
 from mrdiff.diffusion.samplers import ddim_timesteps
+from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.coords import crop_grid
 from mrdiff.nn.unet import UNet
@@ -46,7 +47,8 @@ PRESETS = {  # U-Net shapes: "cpu" is small enough for a 2-core machine, "celeba
 }
 MULTIRES = {"coord_frequencies": 6, "coord_max_frequency": 16.0, "safa_levels": (2, 3), "safa_kernels": 4}
 PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity)
-    "H100 80GB HBM3": 989.4,  # the SXM part's device name "H200": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+    "H100 80GB HBM3": 989.4,  # the SXM part's device name
+    "H200": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
     "A100": 312.0, "L40S": 362.1, "RTX 4090": 165.2,
 }
 
@@ -97,7 +99,8 @@ def diffusers_unet(preset: dict) -> torch.nn.Module:
 
 def train_step(net: torch.nn.Module, inputs: dict, *, bf16: bool, device: torch.device,
                diffusers: bool = False, channels_last: bool = False) -> Callable[[], None]:
-    """One forward + backward + AdamW step of L_simple on fixed inputs."""
+    """One forward + backward + AdamW step of L_simple (diffusion/loss.py, as training computes it) on fixed inputs."""
+    schedule = NoiseSchedule()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
     x0 = inputs["image"]
     if channels_last:
@@ -105,15 +108,14 @@ def train_step(net: torch.nn.Module, inputs: dict, *, bf16: bool, device: torch.
         x0 = x0.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
+    def eps(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if diffusers:
+            return net(x_t, t).sample
+        return net(x_t, t, inputs.get("grid"), inputs.get("scale"))
+
     def step() -> None:
-        t = torch.randint(0, 1000, (x0.shape[0],), device=device)
-        noise = torch.randn_like(x0)
         with autocast:
-            if diffusers:
-                eps = net(x0 + noise, t).sample
-            else:
-                eps = net(x0 + noise, t.float(), inputs.get("grid"), inputs.get("scale"))
-            loss = F.mse_loss(eps.float(), noise)
+            loss = simple_loss(eps, schedule, x0)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torchvision.utils import save_image
 
 from mrdiff.callbacks.checkpoint import RunCheckpoint
+from mrdiff.callbacks.nonfinite import NonFiniteLossError
 from mrdiff.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, load_checkpoint, load_weights
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings
@@ -32,7 +33,7 @@ from mrdiff.inference import (
 )
 from mrdiff.loggers import SaveConfig, WandbRun
 from mrdiff.metrics.fid import InceptionWeightsError
-from mrdiff.module import DiffusionModule, NonFiniteLossError
+from mrdiff.module import DiffusionModule
 from mrdiff.nn.diffusers_unet import DiffusersUNet, OptionalDependencyError
 from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, atomic_write, no_space_errno
 
@@ -225,6 +226,10 @@ class MrdiffArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+DESCRIPTION = ("mrdiff: train a multi-resolution diffusion model (fit), sample it at any resolution (sample), "
+               "calibrate NoiseShift tables (calibrate) and measure FID per resolution (test).")
+
+
 class MrdiffCLI(LightningCLI):
     """LightningCLI for DiffusionModule + MultiResDataModule with mrdiff's extra subcommands."""
 
@@ -234,6 +239,7 @@ class MrdiffCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", SaveConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         super().__init__(DiffusionModule, MultiResDataModule, *args, **kwargs)
 
     @staticmethod

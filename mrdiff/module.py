@@ -5,61 +5,21 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from mrdiff.callbacks.nonfinite import NonFiniteMode, NonFiniteSteps
 from mrdiff.checkpoint import load_weights
-from mrdiff.data.sampling import item_seed
+from mrdiff.diffusion.loss import LossWeighting, simple_loss
 from mrdiff.diffusion.samplers import SAMPLERS, STEPPED, EpsFn, PerSampleNoise, Sampler, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule, ScheduleKind
 from mrdiff.nn.coords import CoordMode, canvas_grid
 from mrdiff.nn.diffusers_unet import DiffusersUNet
 from mrdiff.nn.unet import UNet
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
-class NonFiniteGuard:
-    """Device-side record of non-finite training steps: how many, and the first one's step, loss and inputs.
-
-    Everything stays on the device (torch.where, no .item()), so the training step never waits for the
-    GPU; the host reads the record at logging and checkpoint cadence. The gradients are checked after
-    DDP's all-reduce, so every rank takes the same decision.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.count = torch.zeros((), dtype=torch.long, device=device)
-        self.step = torch.full((), -1, dtype=torch.long, device=device)
-        self.loss = torch.zeros((), device=device)
-        self.inputs_ok = torch.ones((), dtype=torch.bool, device=device)
-        self._loss, self._inputs_ok = self.loss, self.inputs_ok
-
-    def record_inputs(self, loss: Tensor, images: Tensor) -> None:
-        """Remember this step's loss and whether its batch was finite (used if the step turns out bad)."""
-        self._loss, self._inputs_ok = loss.detach().float(), torch.isfinite(images).all()
-
-    def check_gradients(self, grads: list[Tensor], step: int) -> Tensor:
-        """found_inf (0-dim float, 1.0 = skip) for the optimizer; updates the record."""
-        found = torch.zeros((), device=self.count.device)
-        if grads:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=found.device))
-        bad = found > 0
-        first = bad & (self.step < 0)
-        self.step = torch.where(first, step, self.step)  # a Python scalar: no host-to-device copy
-        self.loss = torch.where(first, self._loss, self.loss)
-        self.inputs_ok = torch.where(first, self._inputs_ok, self.inputs_ok)
-        self.count = self.count + bad.long()
-        return found
-
-    def first(self) -> tuple[int, float, bool]:
-        return int(self.step), float(self.loss), bool(self.inputs_ok)
+from mrdiff.seeding import mix_seed, seeded_rng
 
 
 class DiffusionModule(L.LightningModule):
@@ -80,13 +40,13 @@ class DiffusionModule(L.LightningModule):
         coord_mode: CoordMode = "normalized",  # linked from data.coord_mode: how sampling builds grids
         train_resolution: int = 64,  # side of the training inputs (linked from data): the analytic shift's m
         train_scales: list[int] | None = None,  # [min, max] canvas side seen in training (linked from data)
-        nonfinite_loss: Literal["error", "skip"] = "error",  # a NaN/inf loss stops the run, or the step is skipped
+        nonfinite_loss: NonFiniteMode = "error",  # a NaN/inf loss stops the run, or the step is skipped
         grad_clip_norm: float | None = None,  # clip the global gradient norm here: no host sync, fused AdamW stays
         channels_last: bool = False,
         compile: bool = False,  # torch.compile the U-Net
         compile_mode: str | None = None,  # torch.compile mode, e.g. "max-autotune-no-cudagraphs" on GPUs
         init_weights: str | None = None,  # warm start: a checkpoint or exported weights file (EMA weights)
-        loss_weighting: Literal["uniform", "min_snr"] = "uniform",  # min_snr: Hang et al. 2023, weight min(SNR, γ)/SNR
+        loss_weighting: LossWeighting = "uniform",  # min_snr: Hang et al. 2023, weight min(SNR, γ)/SNR
         snr_gamma: float = 5.0,  # γ of min_snr
     ) -> None:
         super().__init__()
@@ -106,9 +66,8 @@ class DiffusionModule(L.LightningModule):
             # and a static graph per sampling resolution costs a minute of compilation each, so sampling,
             # calibration and evaluation run the eager forward (eps_fn).
             self.net.compile(mode=compile_mode, dynamic=False)
-        self.skipped_steps = 0  # non-finite steps skipped so far, this run and the runs it resumes
-        self._skipped_before = 0  # of which in the runs it resumes (from the checkpoint)
-        self._guard: NonFiniteGuard | None = None
+        self.nonfinite = NonFiniteSteps(nonfinite_loss)  # a callback (configure_callbacks) that owns the count
+        self._generator: torch.Generator | None = None  # t, ε of a training step (seeded per step)
         self._scale_warnings: set[tuple[int, int]] = set()  # sizes already warned about (sampling)
 
     # -- training ------------------------------------------------------------------------------------
@@ -119,23 +78,11 @@ class DiffusionModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     def diffusion_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        """L_simple = E‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖², t ~ U{0, …, T−1} (DDPM eq. 14).
-
-        With loss_weighting="min_snr", sample i's term is weighted by min(SNR_t, γ)/SNR_t (Min-SNR-γ for
-        ε-prediction, Hang et al. 2023): low-noise steps, whose ε is nearly unpredictable and whose errors
-        barely move x̂_0, stop dominating the gradient.
-        """
-        x0 = batch["image"]
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        x_t = self.schedule.q_sample(x0, t, noise)
-        eps = self(x_t, t.float(), batch.get("grid"), batch.get("scale"))
-        if self.hparams.loss_weighting == "uniform":
-            return F.mse_loss(eps.float(), noise.float())
-        per_sample = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
-        snr = self.schedule.gather(self.schedule.alphas_cumprod, t, per_sample).float()
-        snr = snr / (1 - snr)
-        return (per_sample * snr.clamp(max=self.hparams.snr_gamma) / snr).mean()
+        """L_simple on a (patch, grid, scale) batch, weighted as model.loss_weighting says (diffusion/loss.py)."""
+        grid, scale = batch.get("grid"), batch.get("scale")
+        return simple_loss(lambda x_t, t: self(x_t, t, grid, scale), self.schedule, batch["image"],
+                           weighting=self.hparams.loss_weighting, snr_gamma=self.hparams.snr_gamma,
+                           generator=generator)
 
     def setup(self, stage: str) -> None:
         """Fail before training if the data's inputs cannot go through this U-Net."""
@@ -149,75 +96,28 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"training inputs are {side}x{side} (data.patch_size, or data.train_size in fixed "
                              f"mode): {error}") from None
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self.nonfinite]
+
     def on_fit_start(self) -> None:
         self._base_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Seed the RNGs from (seed, step, rank): t, ε and dropout of a step survive a resume exactly."""
-        torch.manual_seed(item_seed(self._base_seed, self.global_step, self.global_rank))
+        self._generator = torch.Generator(self.device)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        loss = self.diffusion_loss(batch)
-        if self._guard is not None:  # no host sync: the fused optimizer skips a non-finite step on the device
-            self._guard.record_inputs(loss, batch["image"])
-        elif not torch.isfinite(loss):
-            return self._nonfinite(loss, batch)
+        """t, ε and dropout are seeded from (seed, step, rank), so a step survives a resume exactly."""
+        seed = mix_seed(self._base_seed, self.global_step, self.global_rank)
+        with seeded_rng(self._generator, seed) as generator:
+            loss = self.diffusion_loss(batch, generator)
+        if not self.nonfinite.accept(self, loss, batch["image"]):
+            return None  # skipped (model.nonfinite_loss=skip) without a backward pass
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        params = [p for p in self.net.parameters() if p.grad is not None]
-        if self._guard is not None:
-            optimizer.found_inf = self._guard.check_gradients([p.grad for p in params], self.global_step)
-        if self.hparams.grad_clip_norm:
+        if self.hparams.grad_clip_norm:  # after NonFiniteSteps has checked the raw gradients
+            params = [p for p in self.net.parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip_norm, foreach=True)
             self.log("train/grad_norm", norm)  # a device tensor: read at logging cadence
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self._guard is not None:
-            self.log("train/skipped_steps", self._guard.count.float() + self._skipped_before)
-            if (self.global_step % max(self.trainer.log_every_n_steps, 1)) == 0:
-                self._report_nonfinite()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._report_nonfinite()  # raises in "error" mode before anything reaches the disk
-        checkpoint["mrdiff"] = {"skipped_steps": self.skipped_steps}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.skipped_steps = self._skipped_before = int(checkpoint.get("mrdiff", {}).get("skipped_steps", 0))
-
-    def on_train_end(self) -> None:
-        self._report_nonfinite()
-
-    def _report_nonfinite(self) -> None:
-        """The host looks at the device-side record (a sync, at logging and checkpoint cadence only)."""
-        if self._guard is None or not (count := int(self._guard.count)):
-            return
-        step, loss, inputs_ok = self._guard.first()
-        what = f"loss is {loss} at step {step}" + ("" if inputs_ok else "; the input batch has NaN/inf")
-        if self.hparams.nonfinite_loss == "error":
-            raise NonFiniteLossError(
-                f"{what}. That update was skipped and the last saved checkpoint is intact. Lower model.lr, set "
-                f"model.grad_clip_norm, or set model.nonfinite_loss=skip to skip such steps (they are counted)."
-            )
-        if self._skipped_before + count > self.skipped_steps:
-            self.skipped_steps = self._skipped_before + count
-            print(f"mrdiff: skipped steps with non-finite gradients ({what}); {self.skipped_steps} skipped so far")
-
-    def _nonfinite(self, loss: Tensor, batch: dict[str, Tensor]) -> None:
-        """The synchronous check, for optimizers that cannot skip a step on the device (gradient clipping)."""
-        inputs_ok = bool(torch.isfinite(batch["image"]).all())
-        what = f"loss is {loss.item()} at step {self.global_step}"
-        what += "" if inputs_ok else "; the input batch has NaN/inf"
-        if self.hparams.nonfinite_loss == "error":
-            raise NonFiniteLossError(
-                f"{what}. The last saved checkpoint is intact. Lower model.lr, lower the clipping norm, "
-                f"or set model.nonfinite_loss=skip to skip such steps (they are counted)."
-            )
-        self.skipped_steps += 1
-        self.log("train/skipped_steps", float(self.skipped_steps))
-        print(f"mrdiff: skipping step ({what}); {self.skipped_steps} skipped so far")
-        return None
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
@@ -246,9 +146,7 @@ class DiffusionModule(L.LightningModule):
         fused = self.device.type in ("cuda", "cpu") and not clipping
         opt = torch.optim.AdamW(self.net.parameters(), lr=h.lr, betas=tuple(h.betas),
                                 weight_decay=h.weight_decay, fused=fused)
-        # The fused AdamW kernel skips its update where `found_inf` is set: non-finite steps are caught on
-        # the device, with no host sync per step. Other optimizers get the synchronous check.
-        self._guard = NonFiniteGuard(self.device) if fused and scaler is None else None
+        # The fused AdamW kernel skips its update where `found_inf` is set (callbacks/nonfinite.py).
         warmup = max(h.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -31,12 +31,9 @@ def test_bench_runs_and_reports_flops_and_ratios(tmp_path, monkeypatch, one_thre
     assert rows["train multi-res, per-sample scales fp32"]["flops"] > fixed["flops"]
     assert rows["train fixed U-Net bf16 channels_last"]["flops"] == rows["train fixed U-Net bf16"]["flops"]
     for name in ("train fixed U-Net fp32", "sample DDIM-50 at 24² bf16"):
-        row = rows[name]
-        assert row["images_per_s"] > 0 and row["tflops_per_s"] == pytest.approx(
-            row["flops"] / sorted(row["seconds"])[0] / 1e12)
-    assert rows["train fixed U-Net bf16"]["mfu"] == pytest.approx(rows["train fixed U-Net bf16"]["tflops_per_s"])
-    ratios = result["ratios"]
-    assert ratios["fixed / diffusers (fp32)"] == pytest.approx(fixed["images_per_s"] / ref["images_per_s"])
+        assert rows[name]["images_per_s"] > 0 and rows[name]["tflops_per_s"] > 0
+    assert rows["train fixed U-Net bf16"]["mfu"] > 0 and rows["train fixed U-Net fp32"]["mfu"] is None
+    assert result["ratios"]["fixed / diffusers (fp32)"] > 0
     assert set(result["calibration_seconds"]) == {"16", "24"}
 
 
@@ -45,3 +42,45 @@ def test_flop_counter_counts_a_conv_exactly():
     w = torch.randn(5, 3, 3, 3, requires_grad=True)
     forward = 2 * 2 * 5 * 8 * 8 * 3 * 9  # 2 FLOPs per multiply-add, per output value and kernel tap
     assert bench.count_flops(lambda: torch.nn.functional.conv2d(x, w, padding=1).sum().backward()) == 3 * forward
+
+
+def test_rows_ratios_and_mfu_from_hand_timed_rows(monkeypatch):
+    """Medians, TFLOP/s, MFU and ratios on rows whose timings are set by hand."""
+    fixed = bench.Row("train fixed U-Net bf16", lambda: None, 8, [4.0, 1.0, 2.0], flops=6e12)  # median 2 s
+    multires = bench.Row("train multi-res, per-sample scales bf16", lambda: None, 8, [5.0], flops=6e12)
+    result = bench.report([fixed, multires], {"device": "test", "preset": "x", "repeats": 3, "peak_bf16_tflops": 4.0})
+    row = result["rows"]["train fixed U-Net bf16"]
+    assert row["images_per_s"] == 4.0 and row["tflops_per_s"] == 3.0 and row["mfu"] == 0.75
+    assert result["ratios"]["multi-res per-sample cost over fixed (bf16)"] == pytest.approx(2.5)  # 5 s vs 2 s per call
+    assert result["ratios"]["fixed / diffusers (fp32)"] is None  # a row that was not measured
+
+
+@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H200", 989.4), ("NVIDIA H100 NVL", 835.0),
+                                            ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4),
+                                            ("Some Other GPU", None)])
+def test_peak_table_knows_the_h100_and_h200_parts(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert bench.peak_tflops(torch.device("cuda"), None) == peak
+
+
+def test_bench_trains_with_the_shared_loss(monkeypatch):
+    """The timed step is diffusion/loss.simple_loss (q_sample through the schedule), as training computes it."""
+    seen = []
+
+    def loss(eps, schedule, x0):
+        seen.append(schedule.num_timesteps)
+        return eps(x0, torch.zeros(x0.shape[0])).square().mean()
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x, t, grid, scale):
+            return self.conv(x)
+
+    monkeypatch.setattr(bench, "simple_loss", loss)
+    net = Net()
+    before = net.conv.weight.clone()
+    bench.train_step(net, {"image": torch.randn(2, 3, 4, 4)}, bf16=False, device=torch.device("cpu"))()
+    assert seen == [1000] and not torch.equal(before, net.conv.weight)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mrdiff.diffusion.loss import simple_loss
 from mrdiff.diffusion.samplers import PerSampleNoise, ddim_sample, ddim_timesteps, ddpm_sample
 from mrdiff.diffusion.schedule import NoiseSchedule
 
@@ -150,3 +151,59 @@ def test_min_snr_weighting_downweights_only_low_noise_steps():
     assert 0.85 < expected_weight < 0.95  # linear schedule: SNR > 5 for about the first 13% of timesteps
     huge = DiffusionModule(Zero(), warmup_steps=1, loss_weighting="min_snr", snr_gamma=1e9)
     assert float(huge.diffusion_loss(batch, torch.Generator().manual_seed(0))) == pytest.approx(float(a), rel=1e-6)
+
+
+# -- L_simple (diffusion/loss.py), time_cond and clipping in the samplers -----------------------------------
+
+HALF = NoiseSchedule(num_timesteps=2, beta_start=0.5, beta_end=2 / 3)  # ᾱ = [1/2, 1/6]: SNR 1 and 1/5
+
+
+def test_simple_loss_goes_through_q_sample_and_weights_min_snr_by_hand():
+    x0 = torch.rand(64, 3, 4, 4, dtype=torch.float64) * 2 - 1
+    seen = []
+
+    def oracle(x_t, t, offset=0.0):  # ε recovered from x_t = √ᾱ x0 + √(1−ᾱ) ε, plus an offset
+        seen.append(t.long())
+        ab = torch.tensor([1 / 2, 1 / 6], dtype=torch.float64)[t.long()].view(-1, 1, 1, 1)
+        return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt() + offset
+
+    assert float(simple_loss(oracle, HALF, x0)) == pytest.approx(0.0, abs=1e-20)
+    off = lambda x_t, t: oracle(x_t, t, 1.0)  # noqa: E731
+    assert float(simple_loss(off, HALF, x0)) == pytest.approx(1.0)
+    assert float(simple_loss(off, HALF, x0, weighting="min_snr", snr_gamma=5.0)) == pytest.approx(1.0)
+    loss = simple_loss(off, HALF, x0, weighting="min_snr", snr_gamma=0.2, generator=torch.Generator().manual_seed(0))
+    t = seen[-1]
+    assert 0 < int(t.sum()) < 64  # both timesteps drawn
+    weights = torch.where(t == 0, 0.2, 1.0)  # min(SNR, 0.2)/SNR for SNR 1 and 1/5
+    assert float(loss) == pytest.approx(float(weights.double().mean()))
+
+
+def test_ddpm_feeds_time_cond_to_the_network_and_keeps_coefficients_at_nominal_t():
+    schedule, fed = NoiseSchedule(num_timesteps=10), []
+
+    def eps(x, t):
+        fed.append(t[0].item())
+        return 0.1 * x  # ignores t: only the coefficients can tell two runs apart
+
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    plain = ddpm_sample(eps, schedule, x_T, noise=torch.Generator().manual_seed(1))
+    shifted = ddpm_sample(eps, schedule, x_T, noise=torch.Generator().manual_seed(1), time_cond=lambda t: t / 2 + 3)
+    assert fed[:10] == [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    assert fed[10:] == [7.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.5, 4.0, 3.5, 3.0]  # t/2 + 3
+    assert torch.equal(plain, shifted)
+
+
+def test_clip_denoised_bounds_x0_in_ddim_and_ddpm():
+    x_T = torch.full((1, 1, 2, 2), 5.0)
+    x_T[..., 0, 0] = -5.0
+
+    def zero(x, t):
+        return torch.zeros_like(x)
+
+    # DDIM with one step returns x̂_0 = x_T/√ᾱ_{T−1} (ᾱ_prev = 1): 5·√6 unclipped, ±1 clipped
+    assert ddim_sample(zero, HALF, x_T, steps=1).flatten().tolist() == pytest.approx([-12.247449, *[12.247449] * 3])
+    assert ddim_sample(zero, HALF, x_T, steps=1, clip_denoised=True).flatten().tolist() == [-1.0, 1.0, 1.0, 1.0]
+    # DDPM's last step returns x̂_0 itself (coefficient 1 on x̂_0, 0 on x_t)
+    clipped = ddpm_sample(zero, HALF, x_T, noise=torch.Generator().manual_seed(0), clip_denoised=True)
+    free = ddpm_sample(zero, HALF, x_T, noise=torch.Generator().manual_seed(0))
+    assert clipped.abs().max() == 1.0 and free.abs().max() > 5

@@ -11,8 +11,9 @@ import math
 import pytest
 import torch
 
+from mrdiff.callbacks.nonfinite import NonFiniteGuard
 from mrdiff.cli import main
-from mrdiff.module import DiffusionModule, NonFiniteGuard
+from mrdiff.module import DiffusionModule
 from mrdiff.nn.coords import crop_grid
 from mrdiff.nn.unet import UNet
 

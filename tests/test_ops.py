@@ -97,7 +97,7 @@ def test_module_gradient_clipping_matches_lightnings_and_keeps_the_fused_optimiz
         config = write_config(tmp_path / f"{name}.yaml", tmp_path / name, **{"trainer.max_steps": 3, **overrides})
         cli = MrdiffCLI(args=["fit", "--config", str(config)])
         fused = cli.model.trainer.optimizers[0].defaults["fused"]
-        assert fused == (name != "lightning") and (cli.model._guard is not None) == fused
+        assert fused == (name != "lightning") and (cli.model.nonfinite.guard is not None) == fused
         weights[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)[
             "current_model_state"]
     for key, value in weights["lightning"].items():

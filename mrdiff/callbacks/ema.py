@@ -22,7 +22,7 @@ class EMA(EMAWeightAveraging):
     def __init__(
         self,
         decay: float = 0.9999,  # final decay
-        warmup: float = 10.0,  # n at which the ramp (1 + n)/(warmup + n) reaches 1 − 9/(warmup + n)
+        warmup: float = 10.0,  # ramp length: decay (1 + n)/(warmup + n) = 1 − (warmup − 1)/(warmup + n) at update n
         update_every_n_steps: int = 1,
         update_starting_at_step: int | None = None,
         device: str | None = None,  # keep the average elsewhere (e.g. "cpu"); default: the model's device

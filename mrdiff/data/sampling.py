@@ -13,13 +13,7 @@ from collections.abc import Iterator
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-
-def item_seed(seed: int, epoch: int, position: int) -> int:
-    """A 63-bit seed for one draw, mixing (seed, epoch, global position) (SplitMix64 finaliser)."""
-    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB) % 2**64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
-    return (z ^ (z >> 31)) >> 1
+from mrdiff.seeding import mix_seed
 
 
 class ResumableSampler(DistributedSampler):
@@ -51,4 +45,4 @@ class ResumableSampler(DistributedSampler):
         epoch = self.epoch if self.vary_with_epoch else 0
         for position in range(start, len(indices)):
             global_position = position * self.num_replicas + self.rank
-            yield indices[position], item_seed(self.seed, epoch, global_position)
+            yield indices[position], mix_seed(self.seed, epoch, global_position)

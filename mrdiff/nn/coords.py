@@ -108,7 +108,7 @@ class FourierFeatures(nn.Module):
 
 
 def grid_spacing(grid: Tensor) -> Tensor:
-    """[B, 2] distance between neighbouring pixel centres along x and y (1 where an axis has one pixel)."""
+    """[B, 2] distance between neighbouring pixel centres along x and y (0 where an axis has one pixel)."""
     h, w = grid.shape[-2:]
     dx = (grid[:, 0, 0, -1] - grid[:, 0, 0, 0]) / max(w - 1, 1)
     dy = (grid[:, 1, -1, 0] - grid[:, 1, 0, 0]) / max(h - 1, 1)
