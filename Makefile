@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all demo evidence bench lint clean
+.PHONY: install test test-slow test-all demo evidence bench lint clean
 
 install: $(STAMP)
 
@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP)  # the fast tier
 	$(BIN)/pytest -q -m "not slow"
 
-test-all: $(STAMP)  # every test, `slow` ones included (none is marked slow yet)
+test-slow: $(STAMP)  # the slow tier: subprocess fits (DDP, SLURM, resume) and the bad-input table
+	$(BIN)/pytest -q -m slow
+
+test-all: $(STAMP)  # both tiers in one run
 	$(BIN)/pytest -q
 
 demo: $(STAMP)

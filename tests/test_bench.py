@@ -14,6 +14,7 @@ TINY = {"base_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1, "atten
                         "safa_levels": (1,), "coord_frequencies": 2, "images": 2}}
 
 
+@pytest.mark.slow
 def test_bench_runs_and_reports_flops_and_ratios(tmp_path, monkeypatch, one_thread):
     pytest.importorskip("diffusers")
     monkeypatch.setitem(bench.PRESETS, "tiny", TINY)

@@ -14,6 +14,7 @@ from mrdiff.inference import parse_resolution
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "mrdiff", "--help"], capture_output=True, text=True, check=True)
     for sub in ("fit", "validate", "test", "predict", "sample", "calibrate"):

@@ -71,6 +71,7 @@ LOGGERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logger", sorted(LOGGERS))
 def test_ckpt_path_last_resumes_the_quickstart_config_with_its_logger(tmp_path, logger):
     """configs/quickstart.yaml (CSVLogger) shrunk by a second config; and the same with WandbRun.
@@ -303,6 +304,7 @@ BAD_INPUTS = {  # name: (arguments, the message it must print[, a file-size limi
 PROGRESS = re.compile(r"\d+/\d+ \[|^\s*$")  # tqdm's bars (calibration's search) are progress, not error output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2_and_nothing_changes(run, case):
     args, message, *fsize = BAD_INPUTS[case]
@@ -317,11 +319,13 @@ def test_bad_input_is_one_line_exit_2_and_nothing_changes(run, case):
     assert snapshot(run.parent) == before  # every earlier file byte-identical, and no new file anywhere
 
 
+@pytest.mark.slow
 def test_mrdiff_debug_shows_the_traceback(run):
     done = mrdiff(*(a.format(root=run.parent) for a in SAMPLE), env={"MRDIFF_DEBUG": "1"})
     assert done.returncode == 1 and "Traceback" in done.stderr and "needs a trained model" in done.stderr
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one_and_says_how_much_is_needed(run):
     """A resumed fit whose checkpoint write fails in the kernel (a 1 MB file-size limit, as a full disk would)."""
     last = run / "checkpoints" / "last.ckpt"
@@ -337,6 +341,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one_and_says_how
     assert not list(run.rglob("*.tmp"))  # and no partial write stays behind
 
 
+@pytest.mark.slow
 def test_an_interrupted_sample_leaves_no_partial_grid_and_one_line(run, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "mrdiff", "sample", f"--config={run.parent}/fit.yaml",

@@ -131,6 +131,7 @@ def mrdiff(*args: str, cwd: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_sample_calibrate_test_through_the_cli(model_dir, tmp_path):
     """A pretrained UNet2DModel folder, no checkpoint: sample, calibrate and test at 16² and 24² with DPM-Solver++."""
     _, folder = model_dir

@@ -162,6 +162,7 @@ def run_test(world: int, tmp_path: Path, trained_ckpt: Path) -> tuple[dict, str]
     return json.loads((tmp_path / f"run{world}" / "eval_table.json").read_text()), stdout
 
 
+@pytest.mark.slow
 def test_two_process_ddp_gives_the_single_process_numbers(trained, tmp_path, monkeypatch):
     (tmp_path / "mock_features.py").write_text(MOCK_FEATURES)
     monkeypatch.syspath_prepend(str(tmp_path))

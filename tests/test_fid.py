@@ -119,6 +119,7 @@ def no_downloads(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
 
 
+@pytest.mark.slow
 def test_inception_fid_end_to_end_with_local_random_weights(tmp_path, monkeypatch, no_downloads):
     weights = random_inception_weights(tmp_path / WEIGHTS_FILE)
     monkeypatch.setenv(WEIGHTS_ENV, str(weights))

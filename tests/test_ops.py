@@ -47,6 +47,7 @@ def test_resume_gives_the_same_weights_and_ema_as_a_straight_run(tmp_path):
             assert torch.equal(value, b[key][name]), f"{key}/{name} differs after resume"
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_see_different_data(tmp_path):
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", run_dir, **{"trainer.max_steps": 2})
@@ -59,6 +60,7 @@ def test_ddp_two_cpu_processes_see_different_data(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_slurm_requeue_saves_requeues_and_resumes(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -120,6 +122,7 @@ def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_compiled_module_computes_the_eager_loss_and_gradients_and_keeps_checkpoint_names():
     from mrdiff.module import DiffusionModule
     from mrdiff.nn.coords import crop_grid
