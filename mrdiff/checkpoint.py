@@ -31,6 +31,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path)
 
 
+def run_dir_of(ckpt_path: str | os.PathLike | None, fallback: str | os.PathLike) -> Path:
+    """The run directory a checkpoint belongs to (<run>/checkpoints/x.ckpt → <run>), else `fallback`."""
+    if ckpt_path:
+        path = Path(ckpt_path).resolve()
+        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return Path(fallback)
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in a nested dict/list (most of a checkpoint file's size)."""
     if isinstance(obj, torch.Tensor):

@@ -19,22 +19,23 @@ from torchvision.utils import save_image
 
 from mrdiff.callbacks.checkpoint import RunCheckpoint
 from mrdiff.callbacks.nonfinite import NonFiniteLossError
-from mrdiff.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, load_checkpoint, load_weights
+from mrdiff.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    check_fits,
+    load_checkpoint,
+    load_weights,
+    run_dir_of,
+)
+from mrdiff.conditioning import model_fingerprint, time_conditionings
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings
 from mrdiff.diffusion.samplers import Sampler
-from mrdiff.inference import (
-    Resolution,
-    checked_resolutions,
-    model_fingerprint,
-    resolution_key,
-    run_dir_of,
-    time_conditionings,
-)
 from mrdiff.loggers import SaveConfig, WandbRun
 from mrdiff.metrics.fid import InceptionWeightsError
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.diffusers_unet import DiffusersUNet, OptionalDependencyError
+from mrdiff.resolution import Resolution, checked_resolutions, resolution_key
 from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, atomic_write, no_space_errno
 
 OVERWRITE_ENV = "MRDIFF_OVERWRITE"  # =1: `mrdiff fit` may write over a run dir that holds checkpoints
@@ -82,7 +83,7 @@ class MrdiffTrainer(Trainer):
         """Write a PNG grid of `num_samples` samples per resolution; returns their paths."""
         if num_samples < 1:
             raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
-        sizes = checked_resolutions(model, resolutions)
+        sizes = checked_resolutions(model.net, resolutions)
         model = self._load_for_inference(model, ckpt_path, "sample")
         conds = time_conditionings(model, sizes, noiseshift=noiseshift, shift=shift, ckpt_path=ckpt_path)
         out = Path(out_dir) if out_dir else run_dir_of(ckpt_path, self.default_root_dir) / "samples"
@@ -126,7 +127,7 @@ class MrdiffTrainer(Trainer):
         """Calibrate NoiseShift tables for a trained model at the given resolutions."""
         from mrdiff.callbacks.noiseshift import calibrate_model, plot_table, sampler_timesteps
 
-        sizes = checked_resolutions(model, resolutions)
+        sizes = checked_resolutions(model.net, resolutions)
         model = self._load_for_inference(model, ckpt_path, "calibrate")
         settings = SearchSettings(coarse_window=coarse_window, coarse_stride=coarse_stride, fine_window=fine_window,
                                   fine_stride=fine_stride, num_images=num_images, max_batch=max_batch, k=k,

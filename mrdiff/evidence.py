@@ -35,12 +35,13 @@ import yaml
 
 from mrdiff.callbacks.noiseshift import sampler_timesteps
 from mrdiff.data.synthetic import render_canvas, sample_scene
-from mrdiff.diffusion.noiseshift import AnalyticShift, Calibration, InterpolatedTimeCond, SearchSettings, calibrate
-from mrdiff.inference import parse_resolution, resolution_key
+from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate
+from mrdiff.diffusion.time_cond import AnalyticShift, InterpolatedTimeCond
 from mrdiff.metrics.detail import bootstrap_interval, detail_report, wilson_interval
 from mrdiff.metrics.structure import reference_radii, structure_score, sun_counts
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.unet import UNet
+from mrdiff.resolution import parse_resolution, resolution_key
 from mrdiff.utils import atomic_write
 
 MODELS = ("fixed", "multires", "no_coords", "no_safa", "pixel")

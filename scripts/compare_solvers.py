@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from mrdiff.evidence import cell_metrics, load_model, references
-from mrdiff.inference import resolution_key
 from mrdiff.metrics.structure import reference_radii
+from mrdiff.resolution import resolution_key
 
 ROWS = (("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20), ("dpmpp_2m", 10))
 METRICS = (("one_sun_rate", "one-sun rate ↑", "{:.3f}"), ("mean_num_suns", "suns per image", "{:.2f}"),

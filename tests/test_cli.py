@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mrdiff.cli import MrdiffCLI, main
-from mrdiff.inference import parse_resolution
+from mrdiff.resolution import parse_resolution
 
 ROOT = Path(__file__).resolve().parents[1]
 

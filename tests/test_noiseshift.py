@@ -19,7 +19,6 @@ from torch import Tensor
 
 from mrdiff.callbacks.noiseshift import plot_table, resolution_warning, summary, unresolved
 from mrdiff.diffusion.noiseshift import (
-    AnalyticShift,
     Calibration,
     NoiseShiftTable,
     SearchSettings,
@@ -31,6 +30,8 @@ from mrdiff.diffusion.noiseshift import (
 )
 from mrdiff.diffusion.samplers import EpsFn, TimeCond, ddim_sample, ddim_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
+from mrdiff.diffusion.time_cond import AnalyticShift
+from mrdiff.resolution import resolution_key
 
 SCHEDULE = NoiseSchedule()
 STRIDE = SearchSettings().fine_stride
@@ -226,7 +227,7 @@ def small_table(checkpoint: str | None = "abcdef0123456789") -> NoiseShiftTable:
     table = NoiseShiftTable.new(SCHEDULE, checkpoint=checkpoint, data={"source": "test"})
     table.add("32", Calibration([0, 500, 999], [0, 400, 999], [1.0, 0.5, 0.2], [1.0, 0.4, 0.2]))
     table.add("128", Calibration([0, 500, 999], [10, 600, 999], [1.0, 0.5, 0.2], [0.9, 0.4, 0.2]))
-    table.add(NoiseShiftTable.resolution_key(96, 128), Calibration([100.0], [90.0], [0.3], [0.2]))
+    table.add(resolution_key(96, 128), Calibration([100.0], [90.0], [0.3], [0.2]))
     return table
 
 
@@ -241,8 +242,8 @@ def table_with_uncertainty() -> NoiseShiftTable:
 
 
 def test_resolution_key() -> None:
-    assert NoiseShiftTable.resolution_key(64, 64) == "64"
-    assert NoiseShiftTable.resolution_key(96, 128) == "96x128"
+    assert resolution_key(64, 64) == "64"
+    assert resolution_key(96, 128) == "96x128"
     assert table_with_uncertainty().resolutions() == ["32", "48", "96x128", "128"]  # by pixel count
 
 

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure, log_table
+from mrdiff.checkpoint import run_dir_of
+from mrdiff.conditioning import time_conditionings
 from mrdiff.diffusion.samplers import Sampler, TimeCond
-from mrdiff.inference import parse_resolution, resolution_key, run_dir_of, time_conditionings
 from mrdiff.metrics.fid import (
     FID,
     RealStatsCache,
@@ -38,6 +39,7 @@ from mrdiff.metrics.fid import (
 )
 from mrdiff.metrics.structure import reference_radii, structure_score
 from mrdiff.module import DiffusionModule
+from mrdiff.resolution import parse_resolution, resolution_key
 from mrdiff.utils import atomic_write
 
 METRICS: dict[str, tuple[str, str]] = {

@@ -17,8 +17,8 @@ from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import Calibration, NoiseShiftTable, SearchSettings, calibrate, weights_hash
 from mrdiff.diffusion.samplers import SAMPLERS, Sampler, ddim_timesteps, dpm_solver_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
-from mrdiff.inference import parse_resolution
 from mrdiff.module import DiffusionModule
+from mrdiff.resolution import parse_resolution, resolution_key
 
 
 def sampler_timesteps(schedule: NoiseSchedule, sampler: str, steps: int) -> list[int]:
@@ -60,7 +60,7 @@ def calibrate_model(
             grid, scale = model.canvas_inputs(height, width)
             calibration = calibrate(model.eps_fn(grid, scale), model.schedule, images.to(model.device),
                                     timesteps, settings, progress=progress)
-            key = NoiseShiftTable.resolution_key(height, width)
+            key = resolution_key(height, width)
             table.add(key, calibration)
             print(f"mrdiff: NoiseShift {key}: {len(timesteps)} timesteps in {time.perf_counter() - start:.1f}s; "
                   + summary(calibration, settings.k))

@@ -12,8 +12,8 @@ from torchvision.utils import save_image
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure
 from mrdiff.diffusion.samplers import Sampler
-from mrdiff.inference import parse_resolution, resolution_key
 from mrdiff.module import DiffusionModule
+from mrdiff.resolution import parse_resolution, resolution_key
 from mrdiff.utils import atomic_write
 
 

@@ -14,8 +14,8 @@ mostly Monte-Carlo noise, so t̂ stays at t unless the best candidate beats t by
 
 The result is stored per resolution in a `NoiseShiftTable` (JSON), with ℓ(t̂) − ℓ(t), its standard error
 and the band of candidates tied with the best. Its `time_cond` plugs into the samplers: the network sees t̂
-while the update coefficients stay at the nominal t. `AnalyticShift` is the closed-form baseline that
-shifts log-SNR by log(n/m) (SD3, Esser et al. 2024; simple diffusion, Hoogeboom et al. 2023).
+while the update coefficients stay at the nominal t. The interpolating callable and the closed-form
+baseline (`AnalyticShift`) live in `diffusion/time_cond.py`; resolution keys in `mrdiff/resolution.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 
 from mrdiff.diffusion.samplers import EpsFn, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule
+from mrdiff.diffusion.time_cond import InterpolatedTimeCond, identity
+from mrdiff.resolution import parse_resolution, pixels, resolution_key
 from mrdiff.utils import atomic_write, file_hash
 
 Fallback = Literal["error", "nearest", "identity"]
@@ -345,44 +347,6 @@ def weights_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def parse_resolution_key(key: str) -> tuple[int, int]:
-    """(H, W) from "64" (square) or "96x128" (H x W)."""
-    parts = key.split("x")
-    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"bad resolution key {key!r}: expected e.g. '64' or '96x128' (HxW)")
-    return int(parts[0]), int(parts[-1])
-
-
-def _pixels(key: str) -> int:
-    """H·W of a resolution key."""
-    return math.prod(parse_resolution_key(key))
-
-
-def _identity(t: Tensor) -> Tensor:
-    """Nominal t as a float tensor."""
-    return t if t.is_floating_point() else t.float()
-
-
-@dataclass
-class InterpolatedTimeCond:
-    """t ↦ t̂ by linear interpolation in t; outside the calibrated range t̂ = t + (edge offset), clamped."""
-
-    t: np.ndarray
-    t_hat: np.ndarray
-    num_timesteps: int
-    key: str = field(default="")
-
-    def __call__(self, t: Tensor) -> Tensor:
-        """t̂ on t's device, in t's dtype (float32 for integer t)."""
-        tv = t.detach().double().cpu().numpy()
-        out = np.interp(tv, self.t, self.t_hat)
-        out = np.where(tv < self.t[0], tv + (self.t_hat[0] - self.t[0]), out)
-        out = np.where(tv > self.t[-1], tv + (self.t_hat[-1] - self.t[-1]), out)
-        out = np.clip(out, 0.0, self.num_timesteps - 1.0)
-        dtype = t.dtype if t.is_floating_point() else torch.float32
-        return torch.as_tensor(out, dtype=dtype, device=t.device)
-
-
 def _describe_schedule(d: dict[str, Any]) -> str:
     """Compact 'kind=linear, T=1000, …' for error messages."""
     names = {"num_timesteps": "T"}
@@ -426,21 +390,14 @@ class NoiseShiftTable:
         return cls(schedule=schedule.describe(), checkpoint=checkpoint, weights=weights,
                    settings=asdict(settings or SearchSettings()), data=data or {}, calibrations={})
 
-    @staticmethod
-    def resolution_key(height: int, width: int) -> str:
-        """"64" when square, "96x128" (HxW) otherwise."""
-        if height < 1 or width < 1:
-            raise ValueError(f"resolution must be positive, got {height}x{width}")
-        return str(height) if height == width else f"{height}x{width}"
-
     def add(self, key: str, calibration: Calibration) -> None:
         """Store (or replace) the calibration of resolution `key`."""
-        h, w = parse_resolution_key(key)
+        h, w = parse_resolution(key)
         try:
             calibration.check_range(int(self.schedule["num_timesteps"]))
         except ValueError as err:
             raise ValueError(f"resolution {key}: {err}") from None
-        self.calibrations[self.resolution_key(h, w)] = calibration
+        self.calibrations[resolution_key(h, w)] = calibration
 
     def merge(self, other: NoiseShiftTable) -> None:
         """Add another table's resolutions (same schedule and checkpoint required; other's entries win)."""
@@ -458,7 +415,7 @@ class NoiseShiftTable:
 
     def resolutions(self) -> list[str]:
         """Resolution keys, by increasing pixel count."""
-        return sorted(self.calibrations, key=lambda k: (_pixels(k), k))
+        return sorted(self.calibrations, key=lambda k: (pixels(k), k))
 
     def __getitem__(self, key: str) -> Calibration:
         """Calibration of a resolution key ("64", "96x128")."""
@@ -526,14 +483,14 @@ class NoiseShiftTable:
     def _nearest(self, height: int, width: int) -> str:
         """Present resolution whose pixel count is closest (by ratio) to height·width."""
         target = math.log(height * width)
-        return min(self.resolutions(), key=lambda k: abs(math.log(_pixels(k)) - target))
+        return min(self.resolutions(), key=lambda k: abs(math.log(pixels(k)) - target))
 
     def time_cond(self, height: int, width: int, *, fallback: Fallback = "error") -> TimeCond:
         """Nominal t ↦ t̂ at a resolution; `fallback` decides what a resolution missing from the table gets."""
-        key = self.resolution_key(height, width)
+        key = resolution_key(height, width)
         if key not in self.calibrations:
             if fallback == "identity":
-                return _identity
+                return identity
             if fallback != "nearest" or not self.calibrations:
                 raise ValueError(
                     f"no NoiseShift calibration for resolution {key}; present: {self.resolutions() or 'none'}"
@@ -582,22 +539,3 @@ def _table_from_doc(cls: type[NoiseShiftTable], doc: dict[str, Any], path: objec
                    settings=doc["settings"] or {}, data=doc["data"] or {}, calibrations=cals)
     except (ValueError, TypeError) as err:
         raise ValueError(f"NoiseShift table {path} is malformed ({err}): delete it and recalibrate") from err
-
-
-# -- analytic baseline -----------------------------------------------------------------------------------
-class AnalyticShift:
-    """SD3 / simple-diffusion resolution shift: t̂ = t(λ(t) + log(n/m)), n, m = sample, train pixels."""
-
-    def __init__(self, schedule: NoiseSchedule, *, train_pixels: int, sample_pixels: int) -> None:
-        if train_pixels < 1 or sample_pixels < 1:
-            raise ValueError(f"pixel counts must be positive: train={train_pixels}, sample={sample_pixels}")
-        self.schedule = schedule
-        self.train_pixels, self.sample_pixels = train_pixels, sample_pixels
-        self.shift = math.log(sample_pixels / train_pixels)  # λ shifted by −log(m/n)
-
-    def __call__(self, t: Tensor) -> Tensor:
-        """t̂ = t_from_log_snr(log_snr_at(t) + log(n/m)), float32 on t's device, clamped to [0, T−1]."""
-        if self.shift == 0.0:
-            return t.to(torch.float32)
-        lam = self.schedule.log_snr_at(t) + self.shift
-        return self.schedule.t_from_log_snr(lam).to(device=t.device, dtype=torch.float32)

@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mrdiff.diffusion.schedule import NoiseSchedule
+from mrdiff.diffusion.time_cond import identity
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 TimeCond = Callable[[Tensor], Tensor]
@@ -52,10 +53,6 @@ def randn_like(x: Tensor, noise: Noise) -> Tensor:
     return torch.randn(x.shape, generator=noise, device=x.device, dtype=x.dtype)
 
 
-def _identity(t: Tensor) -> Tensor:
-    return t
-
-
 def _steps(timesteps: Sequence[int], progress: bool, desc: str):
     return tqdm(timesteps, desc=desc, leave=False, disable=not progress)
 
@@ -82,7 +79,7 @@ def ddpm_sample(
 
     Without clipping this is exactly x_{t−1} = (x_t − β_t/√(1−ᾱ_t) ε)/√α_t + σ_t z.
     """
-    time_cond = time_cond or _identity
+    time_cond = time_cond or identity
     s, x = schedule, x_T
     sigmas = np.sqrt(s.betas if variance == "beta" else s.posterior_variance)
     coef_x0 = s.betas * np.sqrt(s.alphas_cumprod_prev) / (1 - s.alphas_cumprod)
@@ -119,7 +116,7 @@ def ddim_sample(
     progress: bool = False,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) over a subsequence of timesteps."""
-    time_cond = time_cond or _identity
+    time_cond = time_cond or identity
     timesteps = ddim_timesteps(schedule.num_timesteps, steps)
     x = x_T
     for i, t in enumerate(_steps(timesteps, progress, f"DDIM-{steps}")):
@@ -187,7 +184,7 @@ def dpm_solver_pp_2m_sample(
     dozen lines above, needs no optional dependency, and keeps the float64 tables and the `time_cond`
     hook (the network is fed time_cond(t); every coefficient stays at the nominal t) in plain sight.
     """
-    time_cond = time_cond or _identity
+    time_cond = time_cond or identity
     timesteps = dpm_solver_timesteps(schedule, steps)
     ends = [*timesteps[1:], 0]
     lam = 0.5 * schedule.log_snr  # λ_t = log(α_t/σ_t)

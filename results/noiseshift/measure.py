@@ -30,7 +30,8 @@ import torch
 
 from mrdiff.callbacks.noiseshift import resolution_warning, sampler_timesteps, summary, unresolved
 from mrdiff.data.synthetic import render_canvas, sample_scene
-from mrdiff.diffusion.noiseshift import Calibration, InterpolatedTimeCond, SearchSettings, calibrate
+from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate
+from mrdiff.diffusion.time_cond import InterpolatedTimeCond
 from mrdiff.evidence import HELD_OUT_SEED, load_model
 from mrdiff.metrics.detail import bootstrap_interval, radial_power_spectrum, spectrum_distance, wilson_interval
 from mrdiff.metrics.structure import sun_counts

@@ -1,47 +1,16 @@
-"""Shared by the CLI and the callbacks: resolution strings, run directories, what the sampler feeds the net."""
+"""What the sampler feeds a model's network for each resolution: a NoiseShift table, the analytic shift, or t.
+
+Shared by `mrdiff sample`, the evaluation callback and the evidence report: the table is loaded once and
+checked against the model (schedule, checkpoint, weights) and every resolution before any sampling starts.
+"""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
-from mrdiff.diffusion.noiseshift import AnalyticShift, NoiseShiftTable, checkpoint_hash, weights_hash
+from mrdiff.diffusion.noiseshift import NoiseShiftTable, checkpoint_hash, weights_hash
 from mrdiff.diffusion.samplers import TimeCond
+from mrdiff.diffusion.time_cond import AnalyticShift
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.diffusers_unet import DiffusersUNet
-
-Resolution = int | str
-
-
-def parse_resolution(value: Resolution) -> tuple[int, int]:
-    """64 → (64, 64); "96x128" → (96, 128) as height × width."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", str(value))
-    if not match:
-        raise ValueError(f"resolution {value!r} is neither N nor HxW (e.g. 64 or 96x128)")
-    height = int(match.group(1))
-    width = int(match.group(2) or height)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"resolution {value!r} must be positive")
-    return height, width
-
-
-def checked_resolutions(model: DiffusionModule, resolutions: list[Resolution]) -> list[tuple[int, int]]:
-    """Parse every resolution and check the U-Net can take it, before any sampling starts."""
-    sizes = [parse_resolution(r) for r in resolutions]
-    for height, width in sizes:
-        model.net.check_size(height, width)
-    return sizes
-
-
-resolution_key = NoiseShiftTable.resolution_key  # "64" or "96x128": one spelling for tables, files and logs
-
-
-def run_dir_of(ckpt_path: str | None, fallback: str) -> Path:
-    """The run directory a checkpoint belongs to (<run>/checkpoints/x.ckpt → <run>)."""
-    if ckpt_path:
-        path = Path(ckpt_path).resolve()
-        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return Path(fallback)
 
 
 def model_fingerprint(model: DiffusionModule, ckpt_path: str | None) -> str | None:
