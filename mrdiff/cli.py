@@ -1,4 +1,4 @@
-"""The `mrdiff` command: LightningCLI with fit validate test predict, plus sample and calibrate."""
+"""The `mrdiff` command: LightningCLI's fit, validate and test, plus sample and calibrate."""
 
 from __future__ import annotations
 
@@ -217,12 +217,15 @@ def training_scales(multires: bool, s_min: int, s_max: int, image_size: int, tra
 class MrdiffArgumentParser(LightningArgumentParser):
     """jsonargparse's parser, whose errors (unknown keys, wrong types, missing files) are one line too."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prog", "mrdiff")  # not `__main__.py` under `python -m mrdiff`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or os.environ.get(DEBUG_ENV) == "1":
             super().error(message, ex)
         self._logger.error(message)
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
-        prog = prog.replace("__main__.py", "mrdiff")  # run as `python -m mrdiff`
         print(f"mrdiff: error: {' '.join(message.split())} (the options: {prog} --help)", file=sys.stderr)
         self.exit(2)
 
@@ -245,8 +248,11 @@ class MrdiffCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
+        # no `predict`: `mrdiff sample` writes images, `mrdiff test` evaluates them (a predict that did
+        # nothing was removed rather than kept for API completeness)
+        lightning = {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
         return {
-            **LightningCLI.subcommands(),
+            **lightning,
             "sample": {"model", "datamodule"},
             "calibrate": {"model", "datamodule"},
         }

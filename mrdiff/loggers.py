@@ -74,7 +74,7 @@ LAUNCH_KEYS = ("ckpt_path", "weights_only")  # how this fit was started, not wha
 class SaveConfig(SaveConfigCallback):
     """Writes the fit's resolved config to <run dir>/config.yaml (overwritten on requeue) and sends it to W&B.
 
-    Only `fit` writes it: `test`, `validate` and `predict` leave the fit's config.yaml as it is. The file
+    Only `fit` writes it: `test` and `validate` leave the fit's config.yaml as it is. The file
     holds what the run is (seed, trainer, model, data), not how this fit was launched: `ckpt_path` and
     `weights_only` become a comment. So the same file configures `fit`, `test`, `sample` and `calibrate`
     (`sample` has no `weights_only`), and `fit --config config.yaml --ckpt_path last` resumes the run.

@@ -127,9 +127,6 @@ class DiffusionModule(L.LightningModule):
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         """Evaluation happens in callbacks (mrdiff.callbacks.evaluation), which sample at every resolution."""
 
-    def predict_step(self, batch: Tensor, batch_idx: int) -> None:
-        """Use `mrdiff sample` for images; predict exists for API completeness."""
-
     def configure_optimizers(self):
         h = self.hparams
         # fused: one kernel for the whole update. Lightning refuses it with trainer.gradient_clip_val under

@@ -157,9 +157,6 @@ class MultiResDataModule(L.LightningDataModule):
         """One placeholder batch per rank: evaluation callbacks (FID, structure) draw their own samples."""
         return DataLoader([0], batch_size=1)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
-
     # -- evaluation ---------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """What identifies the data for caches and tables (source, root, preparation)."""
