@@ -31,7 +31,7 @@ from mrdiff.conditioning import model_fingerprint, time_conditionings
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings
 from mrdiff.diffusion.samplers import Sampler
-from mrdiff.loggers import SaveConfig, WandbRun
+from mrdiff.loggers import CSVRun, SaveConfig, WandbRun
 from mrdiff.metrics.fid import InceptionWeightsError
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.diffusers_unet import DiffusersUNet, OptionalDependencyError
@@ -52,7 +52,7 @@ class MrdiffTrainer(Trainer):
             plugins.append(AtomicCheckpointIO())
         super().__init__(*args, plugins=plugins, **kwargs)
         for logger in self.loggers:
-            if isinstance(logger, WandbRun) and logger.dir_from_trainer:
+            if isinstance(logger, WandbRun | CSVRun) and logger.dir_from_trainer:
                 logger.use_run_dir(self.default_root_dir)
         for callback in self.checkpoint_callbacks:
             if isinstance(callback, RunCheckpoint):

@@ -9,7 +9,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from mrdiff.utils import atomic_write
 
@@ -66,6 +66,24 @@ class WandbRun(WandbLogger):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self._save_dir = str(run_dir)
         self._wandb_init["dir"] = str(run_dir)
+
+
+class CSVRun(CSVLogger):
+    """CSVLogger whose folder follows the run: <trainer.default_root_dir>/<name>/version_N by default.
+
+    Lightning's CSVLogger needs a save_dir in the config, so `--trainer.default_root_dir=X` alone would still
+    log under the config's folder.
+    """
+
+    def __init__(self, save_dir: str | None = None, name: str = "logs", version: int | str | None = None,
+                 prefix: str = "", flush_logs_every_n_steps: int = 100) -> None:
+        super().__init__(save_dir or ".", name=name, version=version, prefix=prefix,
+                         flush_logs_every_n_steps=flush_logs_every_n_steps)
+        self.dir_from_trainer = save_dir is None
+
+    def use_run_dir(self, run_dir: str | os.PathLike) -> None:
+        """Write under the trainer's run dir (called by MrdiffTrainer before the run starts)."""
+        self._save_dir = self._root_dir = os.fspath(run_dir)  # lightning.pytorch's and lightning.fabric's
 
 
 LAUNCH_KEYS = ("ckpt_path", "weights_only")  # how this fit was started, not what the run is

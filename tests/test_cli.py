@@ -83,3 +83,14 @@ def test_fit_on_a_folder_of_images(tiny_config_file, tmp_path):
                                  "trainer.max_steps": 2})
     main(["fit", "--config", str(config)])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_csv_log_follows_default_root_dir(tiny_config_file, tmp_path, monkeypatch):
+    """The quickstart's logger (CSVRun without save_dir) writes under --trainer.default_root_dir, not ./runs."""
+    monkeypatch.chdir(tmp_path)
+    logger = {"class_path": "mrdiff.loggers.CSVRun", "init_args": {"name": "logs"}}
+    config = tiny_config_file(**{"trainer.logger": logger, "trainer.max_steps": 2, "trainer.log_every_n_steps": 1})
+    main(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'elsewhere'}"])
+    metrics = (tmp_path / "elsewhere" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert metrics[0].startswith(("epoch", "lr", "step", "train")) and len(metrics) >= 3  # header + 2 steps
+    assert not (tmp_path / "logs").exists()  # nothing under the working directory

@@ -31,6 +31,15 @@ def test_model_checkpoint_internals_run_checkpoint_uses():
         "self", "trainer", "monitor_candidates"], PIN
 
 
+def test_logger_internals_the_run_dir_loggers_set():
+    from mrdiff.loggers import CSVRun
+
+    logger = CSVRun()
+    assert logger._root_dir == logger._save_dir == ".", f"CSVLogger._root_dir/_save_dir moved: {PIN}"
+    logger.use_run_dir("/some/run")
+    assert logger.save_dir == "/some/run" and logger.log_dir == "/some/run/logs/version_0", PIN
+
+
 def test_trainer_and_cli_internals_the_cli_uses():
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     assert hasattr(trainer._checkpoint_connector, "_hpc_resume_path"), f"_hpc_resume_path is gone: {PIN}"
