@@ -115,3 +115,22 @@ def test_folder_source_finds_nested_images_and_ignores_other_files(tmp_path):
     assert batch["image"].shape == (2, 3, 32, 32)
     refs = next(dm.reference_images(48, 48, 3))
     assert refs.shape == (3, 3, 48, 48)
+
+
+@pytest.mark.parametrize("source", ["synthetic", "folder"])
+def test_batches_do_not_depend_on_the_number_of_workers(source, tmp_path):
+    """Scales, crops and images are drawn from (seed, epoch, position), not from a worker's RNG state."""
+    if source == "folder":
+        write_images(tmp_path, n=16)
+    batches = {}
+    for workers in (0, 2):
+        dm = MultiResDataModule(source=source, root=str(tmp_path) if source == "folder" else None,
+                                image_size=64, s_min=32, s_max=64, patch_size=32, batch_size=4,
+                                num_workers=workers, num_scenes=12, num_val=2)
+        dm.setup()
+        batches[workers] = [b for _, b in zip(range(3), dm.train_dataloader())]
+    for plain, parallel in zip(batches[0], batches[2]):
+        assert plain.keys() == parallel.keys()
+        for key in plain:
+            assert torch.equal(plain[key], parallel[key]), key
+    assert not torch.equal(batches[0][0]["image"], batches[0][1]["image"])  # and the batches do differ
