@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class RecordBatches(L.Callback):
@@ -49,3 +50,18 @@ class PoisonBatch(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             batch["image"][0, 0, 0, 0] = float("nan")
+
+
+class WeightProbe(L.Callback):
+    """Records a copy of the module's weights and its training mode at every on_train_batch_end.
+
+    Placed before and after a sampling callback in the callback list, two probes show whether that callback
+    left the raw training weights (and train mode) as it found them.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, torch.Tensor], bool]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.seen.append((state, pl_module.training))

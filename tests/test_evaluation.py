@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -181,3 +182,27 @@ def test_two_process_ddp_gives_the_single_process_numbers(trained, tmp_path, mon
         assert two["structure"]["num_images"] == 6
         assert two["structure"]["mean_num_suns"] == one["structure"]["mean_num_suns"]
         assert two["one_sun_rate"] == one["one_sun_rate"]
+
+
+def test_sample_grid_leaves_the_raw_training_weights_and_train_mode(tiny_config_file):
+    """SampleGrid samples with the EMA weights in eval mode mid-fit, then restores the raw weights and train mode."""
+    from mrdiff.cli import MrdiffCLI
+    from tests.helpers import WeightProbe
+
+    grid = {"class_path": "mrdiff.callbacks.sample_grid.SampleGrid",
+            "init_args": {"resolutions": [16], "num_samples": 2, "steps": 2, "every_n_steps": 2}}
+    config = tiny_config_file(**{"trainer.max_steps": 4, "trainer.limit_val_batches": 0})
+    cli = MrdiffCLI(args=["--config", str(config), f"--trainer.callbacks+={json.dumps(grid)}"], run=False)
+    before, after = WeightProbe(), WeightProbe()
+    sampling = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "SampleGrid"]
+    index = cli.trainer.callbacks.index(sampling[0])
+    cli.trainer.callbacks[index:index + 1] = [before, sampling[0], after]
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert len(before.seen) == len(after.seen) == 4
+    for (state_before, training_before), (state_after, training_after) in zip(before.seen, after.seen):
+        assert training_before and training_after
+        assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
+    # and the EMA weights really differ from the raw ones, so a missing swap-back would have been seen
+    ema = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "EMA")
+    averaged = ema._average_model.module.state_dict()
+    assert any(not torch.equal(averaged[k], before.seen[-1][0][k]) for k in averaged if k in before.seen[-1][0])
