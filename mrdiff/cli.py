@@ -36,7 +36,7 @@ from mrdiff.metrics.fid import InceptionWeightsError
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.diffusers_unet import DiffusersUNet, OptionalDependencyError
 from mrdiff.resolution import Resolution, checked_resolutions, resolution_key
-from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, atomic_write, no_space_errno
+from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, atomic_write, no_space_errno, unused_path
 
 OVERWRITE_ENV = "MRDIFF_OVERWRITE"  # =1: `mrdiff fit` may write over a run dir that holds checkpoints
 DEBUG_ENV = "MRDIFF_DEBUG"  # =1: errors mrdiff knows about show their traceback too
@@ -146,15 +146,6 @@ class MrdiffTrainer(Trainer):
         plot_table(table, path.with_suffix(".png"))
         print(f"mrdiff: NoiseShift table for {table.resolutions()} written to {path}")
         return path
-
-
-def unused_path(path: Path) -> Path:
-    """`path`, or `<stem>-2<suffix>`, `-3`, … when it exists: earlier sample grids are never replaced."""
-    candidate, number = path, 1
-    while candidate.exists():
-        number += 1
-        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
-    return candidate
 
 
 def checkpoint_dirs(trainer: Trainer) -> list[Path]:

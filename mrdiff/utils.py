@@ -90,6 +90,18 @@ def _umask() -> int:
     return mask
 
 
+def unused_path(path: Path, siblings: tuple[str, ...] = ()) -> Path:
+    """`path`, or `<stem>-2<suffix>`, `-3`, … when it (or a sibling with one of `siblings`' suffixes) exists.
+
+    Grids and evaluation tables of earlier runs are never replaced: a new one gets the next free number.
+    """
+    candidate, number = path, 1
+    while candidate.exists() or any(candidate.with_suffix(s).exists() for s in siblings):
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
 def cache_dir(env: str, name: str) -> Path:
     """$env if set, else $XDG_CACHE_HOME/mrdiff/<name>, else ~/.cache/mrdiff/<name>."""
     if os.environ.get(env):

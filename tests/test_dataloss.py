@@ -150,6 +150,20 @@ def test_mrdiff_test_keeps_the_fits_config_yaml(run, tmp_path):
     assert (run / "config.yaml").read_bytes() == before
 
 
+def test_a_second_mrdiff_test_keeps_the_first_evaluation_table(run, tmp_path):
+    evaluation = {"class_path": "mrdiff.callbacks.evaluation.ResolutionEvaluation",
+                  "init_args": {"resolutions": [16], "num_samples": 2, "steps": 2, "batch_size": 2,
+                                "fid": False, "progress": False}}
+    config = write_config(tmp_path / "test.yaml", run, evaluation)
+    args = ["test", "--config", str(config), f"--ckpt_path={run}/checkpoints/last.ckpt"]
+    main(args)
+    first = {ext: (run / f"eval_table.{ext}").read_bytes() for ext in ("md", "csv", "json")}
+    main(args)
+    assert {ext: (run / f"eval_table.{ext}").read_bytes() for ext in ("md", "csv", "json")} == first
+    assert all((run / f"eval_table-2.{ext}").is_file() for ext in ("md", "csv", "json"))
+    assert (run / "eval_plot.png").is_file() and (run / "eval_plot-2.png").is_file()
+
+
 # -- 6. the end-of-fit table names the weights of the final last.ckpt -----------------------------------
 
 

@@ -40,7 +40,7 @@ from mrdiff.metrics.fid import (
 from mrdiff.metrics.structure import reference_radii, structure_score
 from mrdiff.module import DiffusionModule
 from mrdiff.resolution import parse_resolution, resolution_key
-from mrdiff.utils import atomic_write
+from mrdiff.utils import atomic_write, unused_path
 
 METRICS: dict[str, tuple[str, str]] = {
     "fid": ("FID ↓", "{:.2f}"),
@@ -395,7 +395,8 @@ class ResolutionEvaluation(L.Callback):
         run_dir = run_dir_of(ckpt, trainer.default_root_dir)
         suffix = "" if stage == "test" else f"_step{trainer.global_step}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        stem = run_dir / f"eval_table{suffix}"
+        table_md = unused_path(run_dir / f"eval_table{suffix}.md", (".csv", ".json"))  # earlier tables are kept
+        stem, number = table_md.with_suffix(""), table_md.stem[len(f"eval_table{suffix}"):]
         texts = {"md": table.markdown(), "csv": table.csv(), "json": json.dumps(table.as_json(), indent=1)}
         for ext, text in texts.items():
             with atomic_write(stem.with_suffix(f".{ext}"), "w") as f:  # a full disk leaves the last table whole
@@ -403,7 +404,7 @@ class ResolutionEvaluation(L.Callback):
         print(f"mrdiff: {stage} evaluation ({self.num_samples} samples per cell) → {stem}.{{md,csv,json}}\n")
         print(table.markdown())
         log_table(trainer, f"{stage}/eval_table", table.columns(), _finite(table.rows()))
-        plot = plot_table(table, run_dir / f"eval_plot{suffix}.png")
+        plot = plot_table(table, run_dir / f"eval_plot{suffix}{number}.png")
         if plot is not None:
             log_figure(trainer, f"{stage}/eval_plot", plot)
 
