@@ -32,12 +32,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from torchmetrics.image.kid import KernelInceptionDistance
 
 from mrdiff.callbacks.noiseshift import sampler_timesteps
 from mrdiff.data.synthetic import render_canvas, sample_scene
 from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate
+from mrdiff.diffusion.samplers import Sampler
 from mrdiff.diffusion.time_cond import AnalyticShift, InterpolatedTimeCond
 from mrdiff.metrics.detail import bootstrap_interval, detail_report, wilson_interval
+from mrdiff.metrics.fid import FID, configured_weights, inception, to_uint8
 from mrdiff.metrics.structure import reference_radii, structure_score, sun_counts
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.unet import UNet
@@ -50,17 +53,22 @@ LABELS = {"fixed": "fixed-resolution DDPM", "multires": "multi-resolution (coord
 CONFIGS = Path("configs/evidence")
 HELD_OUT_SEED = 10**7  # scenes for references and calibration: never in the training set (seeds < 10^6)
 T_BUCKETS = ((0, 100), (100, 300), (300, 600), (600, 900), (900, 1000))
+SAMPLER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "ddpm": "DDPM"}
 
 
 # -- models -------------------------------------------------------------------------------------------
-def train(name: str, run_root: Path, extra: list[str]) -> Path:
+def fit_args(name: str, run_root: Path, overlays: list[str], extra: list[str]) -> list[str]:
+    """`mrdiff fit` arguments of one model: base.yaml, the model's overlay, then any size overlays."""
+    configs = [str(CONFIGS / "base.yaml"), str(CONFIGS / f"{name}.yaml"), *overlays]
+    return ["fit", *(a for c in configs for a in ("--config", c)), f"--trainer.default_root_dir={run_root / name}",
+            *extra]
+
+
+def train(args: list[str], run: Path) -> Path:
     """`mrdiff fit` of one model of the matrix; returns the run's last.ckpt."""
-    run = run_root / name
-    cmd = [sys.executable, "-m", "mrdiff", "fit", "--config", str(CONFIGS / "base.yaml"),
-           "--config", str(CONFIGS / f"{name}.yaml"), f"--trainer.default_root_dir={run}", *extra]
-    print("mrdiff evidence: " + shlex.join(cmd[2:]), flush=True)
+    print("mrdiff evidence: mrdiff " + shlex.join(args), flush=True)
     start = time.time()
-    subprocess.run(cmd, check=True)
+    subprocess.run([sys.executable, "-m", "mrdiff", *args], check=True)
     (run / "train_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
     return run / "checkpoints" / "last.ckpt"
 
@@ -93,12 +101,14 @@ def load_model(path: Path, device: torch.device) -> tuple[DiffusionModule, dict]
 class Settings:
     resolutions: list[tuple[int, int]]
     num_samples: int = 400
-    steps: int = 50  # DDIM steps
+    sampler: Sampler = "ddim"
+    steps: int = 50  # network calls per sample
     batch_size: int = 400
     calibration_images: int = 32
     num_reference: int = 1000  # ground-truth renders per resolution (spectra, colours)
     figure_samples: int = 6
     variants: tuple[str, ...] = ("plain", "noiseshift", "analytic")
+    extractor: torch.nn.Module | None = None  # Inception (FID and KID per cell), when weights are given
 
 
 def references(height: int, width: int, num: int) -> torch.Tensor:
@@ -106,20 +116,20 @@ def references(height: int, width: int, num: int) -> torch.Tensor:
 
 
 def generate(model: DiffusionModule, height: int, width: int, settings: Settings, time_cond=None) -> torch.Tensor:
-    """num_samples DDIM samples on the model's device in bf16 (GPU) or fp32 (CPU), returned on the CPU."""
+    """num_samples samples on the model's device in bf16 (GPU) or fp32 (CPU), returned on the CPU."""
     out, seeds = [], list(range(settings.num_samples))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
     for start in range(0, len(seeds), settings.batch_size):
         with autocast:
-            out.append(model.sample(seeds[start:start + settings.batch_size], height, width, steps=settings.steps,
-                                    time_cond=time_cond).float().cpu())
+            out.append(model.sample(seeds[start:start + settings.batch_size], height, width, sampler=settings.sampler,
+                                    steps=settings.steps, time_cond=time_cond).float().cpu())
     return torch.cat(out)
 
 
 def noiseshift_cond(model: DiffusionModule, height: int, width: int, settings: Settings) -> tuple[object, dict]:
     """NoiseShift calibrated at (height, width) on held-out renders; returns time_cond and the table."""
     images = references(height, width, settings.calibration_images).to(model.device)
-    timesteps = sampler_timesteps(model.schedule, "ddim", settings.steps)
+    timesteps = sampler_timesteps(model.schedule, settings.sampler, settings.steps)
     search = SearchSettings(num_images=settings.calibration_images, coarse_stride=0.02, fine_window=0.02,
                             fine_stride=0.004, max_batch=1024)
     grid, scale = model.canvas_inputs(height, width)
@@ -131,8 +141,10 @@ def noiseshift_cond(model: DiffusionModule, height: int, width: int, settings: S
     return cond, calibration.to_dict()
 
 
-def cell_metrics(images: torch.Tensor, reference: torch.Tensor, radii: list[float], key: str) -> dict[str, float]:
-    """Structure (one-sun rate with a Wilson interval, mean suns with a bootstrap interval) and detail."""
+def cell_metrics(images: torch.Tensor, reference: torch.Tensor, radii: list[float], key: str,
+                 extractor: torch.nn.Module | None = None) -> dict[str, float]:
+    """Structure (one-sun rate with a Wilson interval, mean suns with a bootstrap interval), detail, and FID
+    and KID against the reference renders when an Inception extractor is given."""
     score = structure_score(images, reference_radii=radii, resolution=key)
     counts = sun_counts(images).astype(float)
     ones = int((counts == 1).sum())
@@ -140,7 +152,26 @@ def cell_metrics(images: torch.Tensor, reference: torch.Tensor, radii: list[floa
     n_lo, n_hi = bootstrap_interval(counts)
     return {"one_sun_rate": ones / len(counts), "one_sun_rate_lo": lo, "one_sun_rate_hi": hi,
             "mean_num_suns": float(counts.mean()), "mean_num_suns_lo": n_lo, "mean_num_suns_hi": n_hi,
-            "radius_error": score.radius_error, **detail_report(images, reference)}
+            "radius_error": score.radius_error, **detail_report(images, reference),
+            **(inception_metrics(images, reference, extractor) if extractor is not None else {})}
+
+
+@torch.no_grad()
+def inception_metrics(images: torch.Tensor, reference: torch.Tensor, extractor: torch.nn.Module) -> dict[str, float]:
+    """torchmetrics' FID and KID of the images against the reference renders on one feature extractor; KID
+    as the mean over subsets with a ±1.96·s.d.-of-subsets band (torchmetrics' estimate of its spread)."""
+    fid = FID(extractor)
+    subset = min(len(images), len(reference), 100)
+    kid = KernelInceptionDistance(feature=extractor, subset_size=subset, subsets=50, normalize=False)
+    for batch in reference.split(200):
+        fid.update_images(batch, real=True)
+        kid.update(to_uint8(batch), real=True)
+    for batch in images.split(200):
+        fid.update_images(batch, real=False)
+        kid.update(to_uint8(batch), real=False)
+    kid_mean, kid_std = (float(v) for v in kid.compute())
+    return {"fid": float(fid.compute()), "kid": kid_mean, "kid_lo": kid_mean - 1.96 * kid_std,
+            "kid_hi": kid_mean + 1.96 * kid_std}
 
 
 def eps_mse_by_bucket(model: DiffusionModule, reference: torch.Tensor, seed: int = 0) -> dict[str, dict[str, float]]:
@@ -178,7 +209,7 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
     for hw in settings.resolutions:
         key = resolution_key(*hw)
         gt = refs[hw][: settings.num_samples]
-        cells.setdefault("ground truth", {})[key] = cell_metrics(gt, refs[hw], radii, key)
+        cells.setdefault("ground truth", {})[key] = cell_metrics(gt, refs[hw], radii, key, settings.extractor)
         figure.setdefault("ground truth", {})[key] = gt[: settings.figure_samples]
     for name, path in models.items():
         model, payload = load_model(path, device)
@@ -198,7 +229,7 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
                     cond, tables.setdefault(name, {})[key] = noiseshift_cond(model, *hw, settings)
                 samples = generate(model, *hw, settings, cond)
                 row = name if variant == "plain" else f"{name} + {variant}"
-                cells.setdefault(row, {})[key] = cell_metrics(samples, refs[hw], radii, key)
+                cells.setdefault(row, {})[key] = cell_metrics(samples, refs[hw], radii, key, settings.extractor)
                 cells[row][key]["seconds"] = time.time() - start
                 figure.setdefault(row, {})[key] = samples[: settings.figure_samples]
                 print(f"mrdiff evidence: {row} at {key}: one-sun {cells[row][key]['one_sun_rate']:.3f}, "
@@ -209,7 +240,8 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
                 if hw[0] * hw[1] > train_side**2:
                     key = resolution_key(*hw)
                     up = upsample(base, *hw)
-                    cells.setdefault("fixed + upsample", {})[key] = cell_metrics(up, refs[hw], radii, key)
+                    cells.setdefault("fixed + upsample", {})[key] = cell_metrics(up, refs[hw], radii, key,
+                                                                                   settings.extractor)
                     figure.setdefault("fixed + upsample", {})[key] = up[: settings.figure_samples]
         del model
         if device.type == "cuda":
@@ -222,7 +254,9 @@ METRICS = (("one_sun_rate", "one-sun rate ↑ (ground truth: the data's own rate
            ("mean_num_suns", "suns per image (ground truth: 1)", "{:.2f}"),
            ("spectrum_distance", "power-spectrum distance to ground truth ↓ (mean |Δ log10 power|)", "{:.3f}"),
            ("neighbour_difference", "neighbour difference (speckle; compare with ground truth)", "{:.3f}"),
-           ("sky_red", "sky red, top quarter (compare with ground truth)", "{:.2f}"))
+           ("sky_red", "sky red, top quarter (compare with ground truth)", "{:.2f}"),
+           ("fid", "FID against the reference renders ↓ (with Inception weights)", "{:.1f}"),
+           ("kid", "KID against the reference renders ↓ (with Inception weights)", "{:.4f}"))
 
 
 def _fmt(cell: dict | None, metric: str, pattern: str) -> str:
@@ -237,10 +271,13 @@ def markdown(result: dict) -> str:
     meta, cells = result["meta"], result["cells"]
     columns = [resolution_key(*hw) for hw in meta["resolutions"]]
     lines = [f"Written by `{meta['command']}` on {meta['device']} (torch {meta['torch']}) in "
-             f"{meta['wall_seconds'] / 60:.1f} min. {meta['num_samples']} samples per cell, DDIM-{meta['steps']}, "
+             f"{meta['wall_seconds'] / 60:.1f} min. {meta['num_samples']} samples per cell, "
+             f"{SAMPLER_NAMES.get(meta.get('sampler', 'ddim'), meta.get('sampler'))}-{meta['steps']}, "
              f"seeds 0..{meta['num_samples'] - 1}; intervals are 95% (Wilson for rates, bootstrap for means). "
              f"Trained at R = {meta['base_resolution']}.", ""]
     for metric, title, pattern in METRICS:
+        if not any(metric in cell for by_res in cells.values() for cell in by_res.values()):
+            continue  # FID and KID only where Inception weights were given
         lines += [f"**{title}**", "", "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         for row, by_res in cells.items():
             lines.append(f"| {row} | " + " | ".join(_fmt(by_res.get(c), metric, pattern) for c in columns) + " |")
@@ -304,16 +341,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default="models/evidence", help="exported weights (<name>.pt), read or written")
     p.add_argument("--train", action="store_true", help="train the models whose weights are missing")
     p.add_argument("--runs", default="runs/evidence", help="run dirs of the fits --train starts")
+    p.add_argument("--overlay", action="append", default=[], metavar="YAML",
+                   help="a config put after each model's own for --train, e.g. configs/evidence/cpu.yaml "
+                        "(the CPU-sized matrix); repeatable")
     p.add_argument("--fit-args", default="", help="extra `mrdiff fit` arguments for --train, e.g. "
                                                   "'--trainer.max_time=00:00:30:00'")
     p.add_argument("--out", default="results/evidence")
     p.add_argument("--resolutions", default="24,32,48,64,32x64", help="R = 32: below R, R, 1.5R, 2R, R x 2R")
     p.add_argument("--num-samples", type=int, default=400)
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=400)
     p.add_argument("--calibration-images", type=int, default=32)
     p.add_argument("--num-reference", type=int, default=1000)
     p.add_argument("--variants", default="plain,noiseshift,analytic")
+    p.add_argument("--inception-weights", default=None,
+                   help="Inception weights file: adds FID and KID per cell (default: $MRDIFF_INCEPTION_WEIGHTS)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -336,15 +379,17 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"mrdiff: error: no weights at {path}: pass --train to train {name} "
                              f"(or --weights pointing at exported models)")
         run_start = time.time()
-        ckpt = train(name, Path(args.runs), shlex.split(args.fit_args))
-        command = (f"mrdiff fit --config {CONFIGS}/base.yaml --config {CONFIGS}/{name}.yaml "
-                   f"--trainer.default_root_dir={Path(args.runs) / name} {args.fit_args}").strip()
-        export(ckpt, path, command, time.time() - run_start)
+        fit = fit_args(name, Path(args.runs), args.overlay, shlex.split(args.fit_args))
+        ckpt = train(fit, Path(args.runs) / name)
+        export(ckpt, path, "mrdiff " + shlex.join(fit), time.time() - run_start)
     device = torch.device(args.device)
     settings = Settings(resolutions=[parse_resolution(r) for r in args.resolutions.split(",")],
-                        num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size,
+                        num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
+                        batch_size=args.batch_size,
                         calibration_images=args.calibration_images, num_reference=args.num_reference,
-                        variants=tuple(v.strip() for v in args.variants.split(",")))
+                        variants=tuple(v.strip() for v in args.variants.split(",")),
+                        extractor=inception(args.inception_weights).to(device)
+                        if configured_weights(args.inception_weights) else None)
     result = evaluate(weights, settings, device)
     first = torch.load(next(iter(weights.values())), map_location="cpu", weights_only=False)
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -352,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m mrdiff.evidence " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "torch": torch.__version__, "wall_seconds": time.time() - start,
-        "resolutions": settings.resolutions, "num_samples": settings.num_samples, "steps": settings.steps,
+        "resolutions": settings.resolutions, "num_samples": settings.num_samples, "sampler": settings.sampler,
+        "steps": settings.steps,
         "base_resolution": first["module"]["train_resolution"], "models": {n: str(p) for n, p in weights.items()},
     }
     write_report(result, Path(args.out))

@@ -54,6 +54,17 @@ def test_evidence_matrix_configs_build_the_model_they_name(model):
     assert cli.model.hparams.train_resolution == 32
 
 
+@pytest.mark.parametrize(("model", "params"), [("fixed", 0.28e6), ("multires", 0.51e6)])  # as cpu.yaml says
+def test_cpu_overlay_shrinks_the_evidence_network_and_keeps_the_model(model, params):
+    """configs/evidence/cpu.yaml after a model's overlay: the CPU-sized U-Net, the same data and conditioning."""
+    configs = [ROOT / "configs/evidence" / f for f in ("base.yaml", f"{model}.yaml", "cpu.yaml")]
+    cli = MrdiffCLI(args=[a for c in configs for a in ("--config", str(c))] + ["--trainer.logger=false"], run=False)
+    assert sum(p.numel() for p in cli.model.net.parameters()) == pytest.approx(params, abs=0.005e6)
+    assert (cli.model.net.coords is not None, cli.model.net.uses_scale) == ((model == "multires",) * 2)
+    assert cli.datamodule.hparams.multires == (model == "multires") and cli.datamodule.hparams.batch_size == 32
+    assert cli.model.hparams.train_scales == ([32, 32] if model == "fixed" else [32, 64])
+
+
 def test_fit_then_sample_at_three_resolutions(tiny_config_file, tmp_path):
     config = tiny_config_file()
     main(["fit", "--config", str(config)])

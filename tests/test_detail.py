@@ -75,3 +75,4 @@ def test_evidence_never_overwrites_an_earlier_report(tmp_path):
     with pytest.raises(SystemExit, match="already holds a report"):
         main(["--out", str(tmp_path), "--models", "fixed"])
     assert (tmp_path / "table.json").read_text() == "{}"
+

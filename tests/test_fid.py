@@ -200,3 +200,28 @@ def test_a_corrupt_cache_file_is_recomputed(tmp_path, capsys):
     assert not hit and calls == 2 and "unusable" in capsys.readouterr().out
     torch.testing.assert_close(metric.real_features_cov_sum, reference.real_features_cov_sum)
     assert fill(extractor, cache, 16, 16)[1:] == (True, 0)  # rewritten whole
+
+
+def test_evidence_fid_and_kid_match_reference_formulas_on_the_features():
+    """FID against scipy's Fréchet distance, KID against the unbiased MMD² with the cubic kernel, both
+    computed here directly from the extractor's features (subset = the whole set, so KID is exact)."""
+    from mrdiff.evidence import inception_metrics
+
+    extractor = ProjectedPixels()
+    fake, real = images(60, seed=1, shift=0.15), images(60, seed=2)
+    got = inception_metrics(fake, real, extractor)
+    f_fake = extractor(to_uint8(fake)).double().numpy()
+    f_real = extractor(to_uint8(real)).double().numpy()
+    assert got["fid"] == pytest.approx(frechet_distance(*gaussian(f_real), *gaussian(f_fake)), rel=1e-4)
+    d = f_fake.shape[1]
+
+    def mean_kernel(a: np.ndarray, b: np.ndarray, same: bool) -> float:
+        k = (a @ b.T / d + 1) ** 3
+        return (k.sum() - np.trace(k)) / (len(a) * (len(a) - 1)) if same else k.mean()
+
+    mmd = mean_kernel(f_fake, f_fake, True) + mean_kernel(f_real, f_real, True) - 2 * mean_kernel(f_fake, f_real, False)
+    assert got["kid"] == pytest.approx(mmd, rel=1e-4, abs=1e-7)
+    assert got["kid_lo"] == pytest.approx(got["kid"], rel=1e-4)  # every subset is the whole set: no spread
+    assert got["fid"] > 0.05 and mmd > 0  # the shift is seen
+    same = inception_metrics(real, real, extractor)
+    assert abs(same["fid"]) < 1e-6 and same["kid"] < 0  # unbiased MMD² of a set with itself is below 0
