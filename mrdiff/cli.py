@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeVar
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -19,6 +20,7 @@ from torchvision.utils import save_image
 
 from mrdiff.callbacks.checkpoint import RunCheckpoint
 from mrdiff.callbacks.nonfinite import NonFiniteLossError
+from mrdiff.callbacks.sample_grid import SampleGrid
 from mrdiff.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -29,7 +31,7 @@ from mrdiff.checkpoint import (
 )
 from mrdiff.conditioning import model_fingerprint, time_conditionings
 from mrdiff.data.datamodule import MultiResDataModule
-from mrdiff.diffusion.noiseshift import NoiseShiftTable, SearchSettings
+from mrdiff.diffusion.noiseshift import Fallback, NoiseShiftTable, SearchSettings
 from mrdiff.diffusion.samplers import Sampler
 from mrdiff.loggers import CSVRun, SaveConfig, WandbRun
 from mrdiff.metrics.fid import InceptionWeightsError
@@ -40,6 +42,7 @@ from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, atomic_write, no_space_e
 
 OVERWRITE_ENV = "MRDIFF_OVERWRITE"  # =1: `mrdiff fit` may write over a run dir that holds checkpoints
 DEBUG_ENV = "MRDIFF_DEBUG"  # =1: errors mrdiff knows about show their traceback too
+C = TypeVar("C")
 
 
 class MrdiffTrainer(Trainer):
@@ -65,27 +68,42 @@ class MrdiffTrainer(Trainer):
             load_weights(model, ckpt_path)
         return model.to(self.strategy.root_device).eval()
 
+    def configured(self, kind: type[C]) -> C | None:
+        """The config's callback of this type (its settings are the defaults of `sample` and `calibrate`)."""
+        return next((cb for cb in self.callbacks if isinstance(cb, kind)), None)
+
     def sample(
         self,
         model: DiffusionModule,
         datamodule: LightningDataModule | None = None,
         ckpt_path: str | None = None,
-        resolutions: list[Resolution] = [64],  # noqa: B006 - jsonargparse needs a literal default
+        resolutions: list[Resolution] | None = None,  # default: the config's SampleGrid's, else [64]
         num_samples: int = 16,
-        sampler: Sampler = "ddim",
-        steps: int = 50,
-        eta: float = 0.0,
+        sampler: Sampler | None = None,  # default: the config's SampleGrid's, else ddim
+        steps: int | None = None,  # default: the config's SampleGrid's, else 50
+        eta: float | None = None,  # DDIM η; default: the config's SampleGrid's, else 0
         seed: int = 0,  # sample i uses seed + i at every resolution
         noiseshift: str | None = None,  # NoiseShift table (JSON) from `mrdiff calibrate`
+        noiseshift_fallback: Fallback = "error",  # a size the table lacks: error, nearest table size, or t itself
         shift: Literal["none", "analytic"] = "none",  # the analytic resolution-shift baseline
         out_dir: str | None = None,  # default: <run dir>/samples
     ) -> list[Path]:
-        """Write a PNG grid of `num_samples` samples per resolution; returns their paths."""
+        """Write a PNG grid of `num_samples` samples per resolution; returns their paths.
+
+        Options left unset take the config's SampleGrid settings, so `--config <run>/config.yaml` samples
+        the way the run's grids were drawn; the command line overrides them.
+        """
         if num_samples < 1:
             raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
+        grid = self.configured(SampleGrid)
+        resolutions = resolutions or (grid.resolutions if grid else [64])
+        sampler = sampler or (grid.sampler if grid else "ddim")
+        steps = steps or (grid.steps if grid else 50)
+        eta = eta if eta is not None else (grid.eta if grid else 0.0)
         sizes = checked_resolutions(model.net, resolutions)
         model = self._load_for_inference(model, ckpt_path, "sample")
-        conds = time_conditionings(model, sizes, noiseshift=noiseshift, shift=shift, ckpt_path=ckpt_path)
+        conds = time_conditionings(model, sizes, noiseshift=noiseshift, shift=shift, ckpt_path=ckpt_path,
+                                   fallback=noiseshift_fallback)
         out = Path(out_dir) if out_dir else run_dir_of(ckpt_path, self.default_root_dir) / "samples"
         out.mkdir(parents=True, exist_ok=True)
         seeds = list(range(seed, seed + num_samples))
@@ -111,27 +129,41 @@ class MrdiffTrainer(Trainer):
         model: DiffusionModule,
         datamodule: MultiResDataModule,
         ckpt_path: str | None = None,
-        resolutions: list[Resolution] = [64],  # noqa: B006
-        sampler: Sampler = "ddim",  # calibrate the timesteps this sampler visits
-        steps: int = 50,
-        num_images: int = 64,
-        coarse_window: float = 0.1,  # σ_rf units
-        coarse_stride: float = 0.01,
-        fine_window: float = 0.01,
-        fine_stride: float = 0.001,
-        max_batch: int = 256,  # candidates × images per forward pass
-        k: float = 3.0,  # move t̂ only when the best candidate beats t by more than k standard errors
-        seed: int = 0,  # seed of the calibration's ε draws (a second seed checks a table's bands)
+        resolutions: list[Resolution] | None = None,
+        sampler: Sampler | None = None,  # calibrate the timesteps this sampler visits
+        steps: int | None = None,
+        num_images: int | None = None,
+        coarse_window: float | None = None,  # σ_rf units
+        coarse_stride: float | None = None,
+        fine_window: float | None = None,
+        fine_stride: float | None = None,
+        max_batch: int | None = None,  # candidates × images per forward pass
+        k: float | None = None,  # move t̂ only when the best candidate beats t by more than k standard errors
+        seed: int | None = None,  # seed of the calibration's ε draws (a second seed checks a table's bands)
         out: str | None = None,  # default: <run dir>/noiseshift.json (merged into an existing table)
     ) -> Path:
-        """Calibrate NoiseShift tables for a trained model at the given resolutions."""
-        from mrdiff.callbacks.noiseshift import calibrate_model, plot_table, sampler_timesteps
+        """Calibrate NoiseShift tables for a trained model at the given resolutions.
 
+        Options left unset take the config's NoiseShiftCalibration settings (its resolutions, sampler, steps
+        and search), else the paper's (64², DDIM-50, 64 images, ±0.1 by 0.01 then ±0.01 by 0.001); the
+        command line overrides them one by one.
+        """
+        from mrdiff.callbacks.noiseshift import NoiseShiftCalibration, calibrate_model, plot_table, sampler_timesteps
+
+        callback = self.configured(NoiseShiftCalibration)
+        given = {"coarse_window": coarse_window, "coarse_stride": coarse_stride, "fine_window": fine_window,
+                 "fine_stride": fine_stride, "num_images": num_images, "max_batch": max_batch, "k": k, "seed": seed}
+        settings = dataclasses.replace(callback.settings if callback else SearchSettings(),
+                                       **{name: value for name, value in given.items() if value is not None})
+        resolutions = resolutions or (callback.resolutions if callback else [64])
+        sampler = sampler or (callback.sampler if callback else "ddim")
+        steps = steps or (callback.steps if callback else 50)
         sizes = checked_resolutions(model.net, resolutions)
         model = self._load_for_inference(model, ckpt_path, "calibrate")
-        settings = SearchSettings(coarse_window=coarse_window, coarse_stride=coarse_stride, fine_window=fine_window,
-                                  fine_stride=fine_stride, num_images=num_images, max_batch=max_batch, k=k,
-                                  seed=seed)
+        source = "the config's NoiseShiftCalibration" if callback else "the defaults"
+        print(f"mrdiff: calibrating {[resolution_key(*s) for s in sizes]} for {sampler}-{steps} with "
+              f"{settings.num_images} images, ±{settings.coarse_window:g} by {settings.coarse_stride:g} then "
+              f"±{settings.fine_window:g} by {settings.fine_stride:g}, k = {settings.k:g} (unset options: {source})")
         timesteps = sampler_timesteps(model.schedule, sampler, steps)
         with self.precision_plugin.forward_context():
             table = calibrate_model(model, datamodule, sizes, timesteps, settings,

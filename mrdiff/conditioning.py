@@ -6,7 +6,7 @@ checked against the model (schedule, checkpoint, weights) and every resolution b
 
 from __future__ import annotations
 
-from mrdiff.diffusion.noiseshift import NoiseShiftTable, checkpoint_hash, weights_hash
+from mrdiff.diffusion.noiseshift import Fallback, NoiseShiftTable, checkpoint_hash, weights_hash
 from mrdiff.diffusion.samplers import TimeCond
 from mrdiff.diffusion.time_cond import AnalyticShift
 from mrdiff.module import DiffusionModule
@@ -31,12 +31,13 @@ def time_conditioning(
 
 def time_conditionings(
     model: DiffusionModule, sizes: list[tuple[int, int]], *, noiseshift: str | None, shift: str,
-    ckpt_path: str | None,
+    ckpt_path: str | None, fallback: Fallback = "error",
 ) -> dict[tuple[int, int], TimeCond | None]:
     """time_conditioning for every size, checked all before any sampling starts (one table load).
 
     With a checkpoint the table must name the model's weights (as loaded from that checkpoint); a diffusers
-    UNet without one must be the model folder the table was calibrated for.
+    UNet without one must be the model folder the table was calibrated for. `fallback` says what a size
+    the table lacks gets: an error, the nearest calibrated size's table, or t itself.
     """
     if noiseshift and shift != "none":
         raise ValueError("give either --noiseshift (a calibrated table) or --shift analytic, not both")
@@ -44,7 +45,7 @@ def time_conditionings(
         table = NoiseShiftTable.load(noiseshift, schedule=model.schedule,
                                      checkpoint=model_fingerprint(model, ckpt_path),
                                      weights=weights_hash(model) if ckpt_path else None)
-        return {(h, w): table.time_cond(h, w) for h, w in sizes}
+        return {(h, w): table.time_cond(h, w, fallback=fallback) for h, w in sizes}
     if shift == "analytic":
         return {(h, w): AnalyticShift(model.schedule, train_pixels=model.hparams.train_resolution**2,
                                       sample_pixels=h * w) for h, w in sizes}

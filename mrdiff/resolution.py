@@ -8,8 +8,10 @@ from typing import Protocol
 Resolution = int | str
 
 
-def parse_resolution(value: Resolution) -> tuple[int, int]:
-    """64 → (64, 64); "96x128" (also "96X128", "96×128") → (96, 128) as height × width."""
+def parse_resolution(value: Resolution | tuple[int, int]) -> tuple[int, int]:
+    """64 → (64, 64); "96x128" (also "96X128", "96×128") → (96, 128) as height × width; (h, w) passes."""
+    if isinstance(value, tuple) and len(value) == 2:
+        value = resolution_key(*value)
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", str(value))
     if not match:
         raise ValueError(f"resolution {value!r} is neither N nor HxW (e.g. 64 or 96x128)")

@@ -22,6 +22,7 @@ def test_help_lists_every_subcommand():
 
 def test_parse_resolution():
     assert parse_resolution(64) == (64, 64) and parse_resolution("96x128") == (96, 128)
+    assert parse_resolution((96, 128)) == (96, 128)  # a parsed pair passes (callbacks hold pairs)
     with pytest.raises(ValueError, match="neither N nor HxW"):
         parse_resolution("big")
 

@@ -136,6 +136,37 @@ def test_a_noiseshift_table_adds_a_row(trained, tmp_path):
     assert all(0 <= row["cells"][r]["one_sun_rate"] <= 1 for row in table["rows"] for r in ("16", "24"))
 
 
+def test_calibrate_and_sample_take_unset_options_from_the_configs_callbacks(trained, tmp_path, capsys):
+    """`calibrate --config X` searches as X's NoiseShiftCalibration does, and `sample --config X` draws as X's
+    SampleGrid does; an option given on the command line wins over the config's."""
+    from mrdiff.diffusion.noiseshift import NoiseShiftTable
+    from mrdiff.diffusion.samplers import dpm_solver_timesteps
+
+    ckpt = copy_checkpoint(trained[1], tmp_path / "run")
+    search = {"resolutions": ["16x24"], "sampler": "dpmpp_2m", "steps": 3, "num_images": 2, "coarse_window": 0.04,
+              "coarse_stride": 0.02, "fine_window": 0.01, "fine_stride": 0.005, "k": 1.5}
+    grid = {"resolutions": [24], "num_samples": 1, "sampler": "dpmpp_2m", "steps": 2}
+    config = write_config(tmp_path / "fit.yaml", tmp_path / "run",
+                          {"class_path": "mrdiff.callbacks.noiseshift.NoiseShiftCalibration", "init_args": search},
+                          {"class_path": "mrdiff.callbacks.sample_grid.SampleGrid", "init_args": grid})
+    main(["calibrate", "--config", str(config), f"--ckpt_path={ckpt}", "--fine_stride=0.01"])
+    table = NoiseShiftTable.load(tmp_path / "run" / "noiseshift.json")
+    assert table.resolutions() == ["16x24"]
+    assert {k: table.settings[k] for k in ("num_images", "coarse_window", "coarse_stride", "fine_stride", "k")} == {
+        "num_images": 2, "coarse_window": 0.04, "coarse_stride": 0.02, "fine_stride": 0.01, "k": 1.5}
+    model, _ = load_model(config, ckpt)
+    assert sorted(table["16x24"].t) == sorted(dpm_solver_timesteps(model.schedule, 3))  # not DDIM-50
+    main(["sample", "--config", str(config), f"--ckpt_path={ckpt}", "--steps=1"])
+    assert "wrote 16 samples at 24x24" in capsys.readouterr().out
+    assert Image.open(tmp_path / "run" / "samples" / "samples_24.png").size == (4 * 24 + 10, 4 * 24 + 10)
+    # 24² is not in the table: an error names the option, and --noiseshift_fallback nearest uses 16x24's row
+    table_args = [f"--noiseshift={tmp_path / 'run' / 'noiseshift.json'}", "--num_samples=1"]
+    with pytest.raises(ValueError, match="no NoiseShift calibration for resolution 24.*--noiseshift_fallback"):
+        main(["sample", "--config", str(config), f"--ckpt_path={ckpt}", *table_args])
+    main(["sample", "--config", str(config), f"--ckpt_path={ckpt}", *table_args, "--noiseshift_fallback=nearest"])
+    assert (tmp_path / "run" / "samples" / "samples_24_noiseshift.png").is_file()
+
+
 def test_fid_on_without_weights_fails_before_sampling(trained, tmp_path, monkeypatch):
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     config = write_config(tmp_path / "test.yaml", tmp_path / "run", evaluation(fid=True))

@@ -494,7 +494,8 @@ class NoiseShiftTable:
             if fallback != "nearest" or not self.calibrations:
                 raise ValueError(
                     f"no NoiseShift calibration for resolution {key}; present: {self.resolutions() or 'none'}"
-                    ". Calibrate this resolution or pass fallback='nearest' or fallback='identity'"
+                    f". Calibrate it (mrdiff calibrate --resolutions [{key}]), or sample with --noiseshift_fallback "
+                    "nearest (the closest calibrated size's table) or identity (t itself)"
                 )
             key = self._nearest(height, width)
         cal = self.calibrations[key]
