@@ -30,6 +30,7 @@ from mrdiff.checkpoint import (
     run_dir_of,
 )
 from mrdiff.conditioning import model_fingerprint, time_conditionings
+from mrdiff.console import info
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import Fallback, NoiseShiftTable, SearchSettings
 from mrdiff.diffusion.samplers import Sampler
@@ -120,7 +121,7 @@ class MrdiffTrainer(Trainer):
                 save_image(images.float() * 0.5 + 0.5, f, format="png", nrow=max(1, int(math.sqrt(num_samples))))
             paths.append(path)
             kept = f" ({wanted.name} from an earlier run is kept)" if path != wanted else ""
-            print(f"mrdiff: wrote {num_samples} samples at {height}x{width} to {path}{kept}")
+            info(f"mrdiff: wrote {num_samples} samples at {height}x{width} to {path}{kept}")
         return paths
 
 
@@ -161,9 +162,9 @@ class MrdiffTrainer(Trainer):
         sizes = checked_resolutions(model.net, resolutions)
         model = self._load_for_inference(model, ckpt_path, "calibrate")
         source = "the config's NoiseShiftCalibration" if callback else "the defaults"
-        print(f"mrdiff: calibrating {[resolution_key(*s) for s in sizes]} for {sampler}-{steps} with "
-              f"{settings.num_images} images, ±{settings.coarse_window:g} by {settings.coarse_stride:g} then "
-              f"±{settings.fine_window:g} by {settings.fine_stride:g}, k = {settings.k:g} (unset options: {source})")
+        info(f"mrdiff: calibrating {[resolution_key(*s) for s in sizes]} for {sampler}-{steps} with "
+             f"{settings.num_images} images, ±{settings.coarse_window:g} by {settings.coarse_stride:g} then "
+             f"±{settings.fine_window:g} by {settings.fine_stride:g}, k = {settings.k:g} (unset options: {source})")
         timesteps = sampler_timesteps(model.schedule, sampler, steps)
         with self.precision_plugin.forward_context():
             table = calibrate_model(model, datamodule, sizes, timesteps, settings,
@@ -176,7 +177,7 @@ class MrdiffTrainer(Trainer):
             table = previous
         table.save(path)
         plot_table(table, path.with_suffix(".png"))
-        print(f"mrdiff: NoiseShift table for {table.resolutions()} written to {path}")
+        info(f"mrdiff: NoiseShift table for {table.resolutions()} written to {path}")
         return path
 
 
@@ -210,7 +211,7 @@ def resolve_last(trainer: Trainer) -> str | None:
         raise CheckpointError(f"--ckpt_path last: no {names[0].name} in {names[0].parent}, but the run holds "
                               f"{', '.join(p.name for p in others[:3])}: pass one of them as --ckpt_path")
     if trainer.is_global_zero:
-        print(f"mrdiff: --ckpt_path last: no checkpoint in {names[0].parent} yet, starting a new run")
+        info(f"mrdiff: --ckpt_path last: no checkpoint in {names[0].parent} yet, starting a new run")
     return None
 
 

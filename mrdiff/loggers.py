@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from mrdiff.console import info
 from mrdiff.utils import atomic_write
 
 
@@ -54,8 +55,8 @@ class WandbRun(WandbLogger):
         if offline is None:
             offline = mode in ("offline", "dryrun") if mode else not wandb_credentials()
             if offline and not mode:
-                print("mrdiff: no W&B credentials found: logging offline; upload later with "
-                      "`wandb sync <run dir>/wandb/offline-run-*` (or set WANDB_API_KEY / run `wandb login`)")
+                info("mrdiff: no W&B credentials found: logging offline; upload later with "
+                     "`wandb sync <run dir>/wandb/offline-run-*` (or set WANDB_API_KEY / run `wandb login`)")
         run_id = id or stable_run_id(project)
         super().__init__(project=project, name=name, save_dir=save_dir, id=run_id, offline=offline,
                          log_model=log_model, resume="allow" if run_id else None, **kwargs)

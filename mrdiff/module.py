@@ -13,6 +13,7 @@ from torch import Tensor
 
 from mrdiff.callbacks.nonfinite import NonFiniteMode, NonFiniteSteps
 from mrdiff.checkpoint import load_weights
+from mrdiff.console import info
 from mrdiff.diffusion.loss import LossWeighting, simple_loss
 from mrdiff.diffusion.samplers import SAMPLERS, STEPPED, EpsFn, PerSampleNoise, Sampler, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule, ScheduleKind
@@ -178,8 +179,8 @@ class DiffusionModule(L.LightningModule):
         if not scales or side <= max(scales) or (height, width) in self._scale_warnings:
             return False
         self._scale_warnings.add((height, width))
-        print(f"mrdiff: warning: sampling {height}x{width}, larger than the canvases this model was trained on "
-              f"({scales[0]}..{scales[1]} px): expect repeated structure (several suns, tiled horizons) there")
+        info(f"mrdiff: warning: sampling {height}x{width}, larger than the canvases this model was trained on "
+             f"({scales[0]}..{scales[1]} px): expect repeated structure (several suns, tiled horizons) there")
         return True
 
     @torch.no_grad()

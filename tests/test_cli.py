@@ -106,3 +106,16 @@ def test_the_csv_log_follows_default_root_dir(tiny_config_file, tmp_path, monkey
     metrics = (tmp_path / "elsewhere" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
     assert metrics[0].startswith(("epoch", "lr", "step", "train")) and len(metrics) >= 3  # header + 2 steps
     assert not (tmp_path / "logs").exists()  # nothing under the working directory
+
+
+def test_console_lines_come_from_rank_zero_only(capsys, monkeypatch):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from mrdiff.console import info
+
+    info("mrdiff: on rank zero")
+    info("mrdiff: warning: to stderr", stderr=True)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # what Lightning sets in every other DDP process
+    info("mrdiff: on rank one")
+    out, err = capsys.readouterr()
+    assert out == "mrdiff: on rank zero\n" and err == "mrdiff: warning: to stderr\n"

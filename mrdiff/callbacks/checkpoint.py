@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from mrdiff.console import info
+
 
 def remove_partial_writes(directory: str | os.PathLike) -> list[Path]:
     """Delete the temporaries a killed save left behind (atomic_write's `.<name>.<random>.tmp`)."""
@@ -16,7 +18,7 @@ def remove_partial_writes(directory: str | os.PathLike) -> list[Path]:
     for path in leftovers:
         path.unlink(missing_ok=True)
     if leftovers:
-        print(f"mrdiff: removed {len(leftovers)} partial checkpoint write(s) left by a killed save in {directory}")
+        info(f"mrdiff: removed {len(leftovers)} partial checkpoint write(s) left by a killed save in {directory}")
     return leftovers
 
 

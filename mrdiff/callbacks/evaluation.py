@@ -25,6 +25,7 @@ from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure, log_table
 from mrdiff.checkpoint import run_dir_of
 from mrdiff.conditioning import time_conditionings
+from mrdiff.console import info
 from mrdiff.diffusion.samplers import Sampler, TimeCond
 from mrdiff.metrics.fid import (
     FID,
@@ -241,7 +242,7 @@ class ResolutionEvaluation(L.Callback):
         if path.is_file():
             return str(path)
         if trainer.is_global_zero:
-            print(f"mrdiff: no NoiseShift table at {path}: the '+ NoiseShift' row is left out (`mrdiff calibrate`)")
+            info(f"mrdiff: no NoiseShift table at {path}: the '+ NoiseShift' row is left out (`mrdiff calibrate`)")
         return None
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -275,7 +276,7 @@ class ResolutionEvaluation(L.Callback):
                                                     shift=v.shift, ckpt_path=ckpt).items()}
         if not (self._fid_on(trainer) or self._structure_on(trainer)):
             if trainer.is_global_zero:
-                    print("mrdiff: ResolutionEvaluation has nothing to measure (no FID, structure off); skipped")
+                    info("mrdiff: ResolutionEvaluation has nothing to measure (no FID, structure off); skipped")
             return table
         was_training = pl_module.training
         pl_module.eval()
@@ -355,8 +356,8 @@ class ResolutionEvaluation(L.Callback):
             return True
         if configured_weights(self.inception_weights) is None and not self.fid:
             if not self._fid_skip_said and trainer.is_global_zero:
-                print("mrdiff: FID skipped: no Inception weights configured (set MRDIFF_INCEPTION_WEIGHTS or "
-                      "the evaluation callback's inception_weights)")
+                info("mrdiff: FID skipped: no Inception weights configured (set MRDIFF_INCEPTION_WEIGHTS or "
+                     "the evaluation callback's inception_weights)")
             self._fid_skip_said = True
             return False
         require_weights(self.inception_weights)
@@ -401,8 +402,8 @@ class ResolutionEvaluation(L.Callback):
         for ext, text in texts.items():
             with atomic_write(stem.with_suffix(f".{ext}"), "w") as f:  # a full disk leaves the last table whole
                 f.write(text)
-        print(f"mrdiff: {stage} evaluation ({self.num_samples} samples per cell) → {stem}.{{md,csv,json}}\n")
-        print(table.markdown())
+        info(f"mrdiff: {stage} evaluation ({self.num_samples} samples per cell) → {stem}.{{md,csv,json}}\n")
+        info(table.markdown())
         log_table(trainer, f"{stage}/eval_table", table.columns(), _finite(table.rows()))
         plot = plot_table(table, run_dir / f"eval_plot{suffix}{number}.png")
         if plot is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure
+from mrdiff.console import info
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import Calibration, NoiseShiftTable, SearchSettings, calibrate, weights_hash
 from mrdiff.diffusion.samplers import SAMPLERS, Sampler, ddim_timesteps, dpm_solver_timesteps
@@ -62,11 +62,11 @@ def calibrate_model(
                                     timesteps, settings, progress=progress)
             key = resolution_key(height, width)
             table.add(key, calibration)
-            print(f"mrdiff: NoiseShift {key}: {len(timesteps)} timesteps in {time.perf_counter() - start:.1f}s; "
-                  + summary(calibration, settings.k))
+            info(f"mrdiff: NoiseShift {key}: {len(timesteps)} timesteps in {time.perf_counter() - start:.1f}s; "
+                 + summary(calibration, settings.k))
             warning = resolution_warning(key, calibration, model.schedule, settings, images.shape[0])
             if warning:
-                print(f"mrdiff: warning: {warning}", file=sys.stderr)
+                info(f"mrdiff: warning: {warning}", stderr=True)
     finally:
         model.train(was_training)
     return table
@@ -179,7 +179,7 @@ class NoiseShiftCalibration(L.Callback):
         table.save(run_dir / self.filename)
         plot = plot_table(table, run_dir / Path(self.filename).with_suffix(".png").name)
         log_figure(trainer, "noiseshift/t_hat_minus_t", plot)
-        print(f"mrdiff: NoiseShift table written to {run_dir / self.filename}")
+        info(f"mrdiff: NoiseShift table written to {run_dir / self.filename}")
         return table
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: DiffusionModule) -> None:

@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from mrdiff.console import info
+
 NonFiniteMode = Literal["error", "skip"]
 
 
@@ -125,4 +127,4 @@ class NonFiniteSteps(Callback):
                 f"skip such steps (they are counted)."
             )
         self.skipped_steps = skipped
-        print(f"mrdiff: skipped steps with non-finite values ({what}); {skipped} skipped so far")
+        info(f"mrdiff: skipped steps with non-finite values ({what}); {skipped} skipped so far")

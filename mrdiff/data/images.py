@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from mrdiff.console import info
 from mrdiff.utils import atomic_write, cache_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -106,7 +107,7 @@ def _load_verified(cache: Path, root: Path) -> dict[str, list[int]]:
             return {}
         return {name: list(sig) for name, sig in data["files"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        print(f"mrdiff: image scan cache {cache} is unreadable ({error}); checking every image again")
+        info(f"mrdiff: image scan cache {cache} is unreadable ({error}); checking every image again")
         return {}
 
 
@@ -158,7 +159,7 @@ def scan_images(
                 with atomic_write(cache, "w") as f:
                     json.dump({"version": SCAN_CACHE_VERSION, "root": str(root.resolve()), "files": files}, f)
             except OSError as error:  # a read-only home must not stop training
-                print(f"mrdiff: could not write the image scan cache {cache} ({error}); the next run checks again")
+                info(f"mrdiff: could not write the image scan cache {cache} ({error}); the next run checks again")
     return Scan([(p, reasons[p]) for p in paths if p in reasons], {p: sizes[p] for p in paths if p in sizes})
 
 
@@ -185,7 +186,7 @@ class ImageFolder(Dataset):
                 f"remove them, or set data.on_corrupt=skip to train without them"
             )
         if bad:
-            print(f"mrdiff: skipping {len(bad)} unreadable image(s) of {len(paths)} under {root}")
+            info(f"mrdiff: skipping {len(bad)} unreadable image(s) of {len(paths)} under {root}")
         if not upscale_small:  # found here, once, not in a DataLoader worker in the middle of training
             small = [f"{p}: {w}x{h}" for p, (w, h) in scan.sizes.items() if usable_side(w, h, crop) < size]
             if small:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from tqdm import tqdm
 
+from mrdiff.console import info
 from mrdiff.utils import atomic_write, cache_dir, file_hash
 
 WEIGHTS_ENV = "MRDIFF_INCEPTION_WEIGHTS"
@@ -258,7 +259,7 @@ class RealStatsCache:
         try:
             return FeatureStats.load(path, key)
         except Exception as err:  # truncated, not an npz, wrong key or shapes: recompute and overwrite
-            print(f"mrdiff: FID cache {path} is unusable ({err}); recomputing the real statistics")
+            info(f"mrdiff: FID cache {path} is unusable ({err}); recomputing the real statistics")
             return None
 
     def save(self, key: dict[str, Any], stats: FeatureStats) -> Path:
@@ -300,8 +301,8 @@ def real_statistics(
     if broadcast_from_rank_zero(cached is not None):
         metric.load_real_stats(cached)
         if rank == 0:
-            print(f"mrdiff: FID real statistics for {key['height']}x{key['width']} (N={key['num']}) "
-                  f"loaded from cache {cache.path(key)}")
+            info(f"mrdiff: FID real statistics for {key['height']}x{key['width']} (N={key['num']}) "
+                 f"loaded from cache {cache.path(key)}")
         return True
     metric.load_real_stats(None)
     label = f"FID reference {key['height']}x{key['width']}"
@@ -313,5 +314,5 @@ def real_statistics(
     if cache is not None and rank == 0:
         path = cache.save(key, stats)
         size = f"{key['height']}x{key['width']}"
-        print(f"mrdiff: FID real statistics for {size} (N={stats.num}) cached in {path}")
+        info(f"mrdiff: FID real statistics for {size} (N={stats.num}) cached in {path}")
     return False

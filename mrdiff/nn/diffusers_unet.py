@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mrdiff.console import info
 from mrdiff.utils import file_hash
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -107,8 +108,8 @@ class DiffusersUNet(nn.Module):
         if self._said_ignored or (grid is None and scale is None):
             return
         self._said_ignored = True
-        print(f"mrdiff: the diffusers UNet ({self.path}) has no coordinate or scale inputs: it ignores the grid "
-              f"and the scale, and sees the resolution only through the image size")
+        info(f"mrdiff: the diffusers UNet ({self.path}) has no coordinate or scale inputs: it ignores the grid "
+             f"and the scale, and sees the resolution only through the image size")
 
 
 def import_diffusers() -> Any:
