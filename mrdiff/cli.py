@@ -78,21 +78,35 @@ class MrdiffTrainer(Trainer):
         model: DiffusionModule,
         datamodule: LightningDataModule | None = None,
         ckpt_path: str | None = None,
-        resolutions: list[Resolution] | None = None,  # default: the config's SampleGrid's, else [64]
+        resolutions: list[Resolution] | None = None,
         num_samples: int = 16,
-        sampler: Sampler | None = None,  # default: the config's SampleGrid's, else ddim
-        steps: int | None = None,  # default: the config's SampleGrid's, else 50
-        eta: float | None = None,  # DDIM η; default: the config's SampleGrid's, else 0
-        seed: int = 0,  # sample i uses seed + i at every resolution
-        noiseshift: str | None = None,  # NoiseShift table (JSON) from `mrdiff calibrate`
-        noiseshift_fallback: Fallback = "error",  # a size the table lacks: error, nearest table size, or t itself
-        shift: Literal["none", "analytic"] = "none",  # the analytic resolution-shift baseline
-        out_dir: str | None = None,  # default: <run dir>/samples
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        seed: int = 0,
+        noiseshift: str | None = None,
+        noiseshift_fallback: Fallback = "error",
+        shift: Literal["none", "analytic"] = "none",
+        out_dir: str | None = None,
     ) -> list[Path]:
         """Write a PNG grid of `num_samples` samples per resolution; returns their paths.
 
         Options left unset take the config's SampleGrid settings, so `--config <run>/config.yaml` samples
         the way the run's grids were drawn; the command line overrides them.
+
+        Args:
+            ckpt_path: The checkpoint to sample (its EMA weights); not needed for a pretrained diffusers UNet.
+            resolutions: Sizes to sample at, N or HxW (default: the config's SampleGrid's, else [64]).
+            num_samples: Samples per resolution, in one grid.
+            sampler: ddim, dpmpp_2m or ddpm (default: the config's SampleGrid's, else ddim).
+            steps: Network calls of DDIM or DPM-Solver++ (default: the config's SampleGrid's, else 50).
+            eta: DDIM's η, 0 for deterministic sampling (default: the config's SampleGrid's, else 0).
+            seed: Sample i uses seed + i at every resolution.
+            noiseshift: A NoiseShift table (JSON) from `mrdiff calibrate` for these weights.
+            noiseshift_fallback: What a size missing from the table gets: an error, the nearest calibrated
+                size's table, or t itself (identity).
+            shift: The analytic resolution shift instead (SD3-style log-SNR shift), or none.
+            out_dir: Where the grids go (default: <run dir>/samples); earlier grids are never replaced.
         """
         if num_samples < 1:
             raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
@@ -131,23 +145,38 @@ class MrdiffTrainer(Trainer):
         datamodule: MultiResDataModule,
         ckpt_path: str | None = None,
         resolutions: list[Resolution] | None = None,
-        sampler: Sampler | None = None,  # calibrate the timesteps this sampler visits
+        sampler: Sampler | None = None,
         steps: int | None = None,
         num_images: int | None = None,
-        coarse_window: float | None = None,  # σ_rf units
+        coarse_window: float | None = None,
         coarse_stride: float | None = None,
         fine_window: float | None = None,
         fine_stride: float | None = None,
-        max_batch: int | None = None,  # candidates × images per forward pass
-        k: float | None = None,  # move t̂ only when the best candidate beats t by more than k standard errors
-        seed: int | None = None,  # seed of the calibration's ε draws (a second seed checks a table's bands)
-        out: str | None = None,  # default: <run dir>/noiseshift.json (merged into an existing table)
+        max_batch: int | None = None,
+        k: float | None = None,
+        seed: int | None = None,
+        out: str | None = None,
     ) -> Path:
         """Calibrate NoiseShift tables for a trained model at the given resolutions.
 
         Options left unset take the config's NoiseShiftCalibration settings (its resolutions, sampler, steps
         and search), else the paper's (64², DDIM-50, 64 images, ±0.1 by 0.01 then ±0.01 by 0.001); the
         command line overrides them one by one.
+
+        Args:
+            ckpt_path: The checkpoint to calibrate (its EMA weights).
+            resolutions: Sizes to calibrate, N or HxW.
+            sampler: Calibrate the timesteps this sampler visits: ddim, dpmpp_2m or ddpm.
+            steps: Network calls of that sampler.
+            num_images: Held-out images per resolution (the README says how many a shift needs).
+            coarse_window: Half-width of the coarse search around σ_rf(t), in σ_rf units.
+            coarse_stride: Step of the coarse search.
+            fine_window: Half-width of the fine search around the coarse choice.
+            fine_stride: Step of the fine search.
+            max_batch: Candidates × images per forward pass.
+            k: Move t̂ only when the best candidate beats t by more than k standard errors (0: plain argmin).
+            seed: Seed of the calibration's ε draws (a second seed checks a table's bands).
+            out: The table (default: <run dir>/noiseshift.json); an existing table is merged into, not replaced.
         """
         from mrdiff.callbacks.noiseshift import NoiseShiftCalibration, calibrate_model, plot_table, sampler_timesteps
 

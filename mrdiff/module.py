@@ -24,11 +24,34 @@ from mrdiff.seeding import mix_seed, seeded_rng
 
 
 class DiffusionModule(L.LightningModule):
-    """ε-prediction DDPM trained with L_simple on (patch, grid, scale) batches."""
+    """ε-prediction DDPM trained with L_simple on (patch, grid, scale) batches.
+
+    Args:
+        net: mrdiff's U-Net (mrdiff.nn.unet.UNet), or a pretrained diffusers UNet2DModel (DiffusersUNet).
+        schedule: The β schedule: linear (DDPM) or cosine.
+        num_timesteps: T.
+        beta_start: β_1 of the linear schedule.
+        beta_end: β_T of the linear schedule.
+        lr: AdamW's peak learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        betas: AdamW's (β1, β2).
+        warmup_steps: Steps of linear learning-rate warm-up.
+        coord_mode: How sampling builds coordinate grids (linked from data.coord_mode).
+        train_resolution: Side of the training inputs, the analytic shift's reference (linked from data).
+        train_scales: [min, max] canvas side seen in training (linked from data): sampling outside warns.
+        nonfinite_loss: A NaN/inf loss stops the run (error), or the step is skipped and counted (skip).
+        grad_clip_norm: Clip the global gradient norm to this (no host sync; fused AdamW stays fused).
+        channels_last: Store the U-Net's conv kernels channels_last (faster convolutions on GPUs).
+        compile: torch.compile the U-Net for training (sampling runs the eager forward).
+        compile_mode: torch.compile's mode, e.g. max-autotune-no-cudagraphs on GPUs.
+        init_weights: Warm start from a checkpoint or an exported weights file (its EMA weights).
+        loss_weighting: uniform (L_simple) or min_snr (Hang et al. 2023: weight min(SNR, γ)/SNR).
+        snr_gamma: γ of min_snr.
+    """
 
     def __init__(
         self,
-        net: UNet | DiffusersUNet,  # mrdiff's U-Net, or a pretrained diffusers UNet2DModel
+        net: UNet | DiffusersUNet,
         *,
         schedule: ScheduleKind = "linear",
         num_timesteps: int = 1000,
@@ -37,18 +60,18 @@ class DiffusionModule(L.LightningModule):
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 1000,  # linear learning-rate warm-up
-        coord_mode: CoordMode = "normalized",  # linked from data.coord_mode: how sampling builds grids
-        train_resolution: int = 64,  # side of the training inputs (linked from data): the analytic shift's m
-        train_scales: list[int] | None = None,  # [min, max] canvas side seen in training (linked from data)
-        nonfinite_loss: NonFiniteMode = "error",  # a NaN/inf loss stops the run, or the step is skipped
-        grad_clip_norm: float | None = None,  # clip the global gradient norm here: no host sync, fused AdamW stays
+        warmup_steps: int = 1000,
+        coord_mode: CoordMode = "normalized",
+        train_resolution: int = 64,
+        train_scales: list[int] | None = None,
+        nonfinite_loss: NonFiniteMode = "error",
+        grad_clip_norm: float | None = None,
         channels_last: bool = False,
-        compile: bool = False,  # torch.compile the U-Net
-        compile_mode: str | None = None,  # torch.compile mode, e.g. "max-autotune-no-cudagraphs" on GPUs
-        init_weights: str | None = None,  # warm start: a checkpoint or exported weights file (EMA weights)
-        loss_weighting: LossWeighting = "uniform",  # min_snr: Hang et al. 2023, weight min(SNR, γ)/SNR
-        snr_gamma: float = 5.0,  # γ of min_snr
+        compile: bool = False,
+        compile_mode: str | None = None,
+        init_weights: str | None = None,
+        loss_weighting: LossWeighting = "uniform",
+        snr_gamma: float = 5.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])

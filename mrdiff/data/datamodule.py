@@ -39,29 +39,51 @@ class Subset(Dataset):
 
 
 class MultiResDataModule(L.LightningDataModule):
-    """Batches of {"image": patch in [−1, 1], "grid": [B, 2, p, p], "scale": [B] or [1]}."""
+    """Batches of {"image": patch in [−1, 1], "grid": [B, 2, p, p], "scale": [B] or [1]}.
+
+    Args:
+        source: synthetic (built-in scenes, rendered at any size), folder (images under root) or celeba.
+        root: The image folder, or the directory holding celeba/.
+        image_size: Side the images are loaded at (the FID reference is made from these).
+        multires: Multi-resolution patches; false: the fixed-resolution baseline (whole images at train_size).
+        train_size: Fixed mode's training side (default image_size).
+        s_min: Smallest side an image is rescaled to before a patch is cut.
+        s_max: Largest side an image is rescaled to.
+        patch_size: Side of the training patches.
+        p_min: Probability of rescaling to exactly s_min (otherwise s ~ U{s_min, ..., s_max}).
+        per_batch_scale: Draw one scale per batch instead of one per sample.
+        coord_mode: Coordinates normalised to the canvas ([-1, 1]), or in units of patch_size pixels.
+        batch_size: Per device.
+        num_workers: DataLoader worker processes per device.
+        num_val: Images held out for validation.
+        num_scenes: Synthetic source: scenes in the training set.
+        celeba_crop: CelebA: side of the centre crop (pixels) before resizing to image_size.
+        on_corrupt: Folder: unreadable images stop the run (error), or are skipped and counted (skip).
+        upscale_small: Folder: upscale images smaller than needed instead of failing.
+        seed: Seed of the split, the data order and the patch draws.
+    """
 
     def __init__(
         self,
         *,
         source: Source = "synthetic",
-        root: str | None = None,  # image folder, or the directory holding celeba/
-        image_size: int = 64,  # size images are loaded at (the FID reference is made from these)
-        multires: bool = True,  # False: fixed-resolution baseline (whole images at train_size)
-        train_size: int | None = None,  # fixed mode: training resolution (default image_size)
+        root: str | None = None,
+        image_size: int = 64,
+        multires: bool = True,
+        train_size: int | None = None,
         s_min: int = 32,
         s_max: int = 64,
         patch_size: int = 32,
-        p_min: float = 0.5,  # probability of rescaling to s_min
-        per_batch_scale: bool = False,  # draw one scale per batch instead of per sample
+        p_min: float = 0.5,
+        per_batch_scale: bool = False,
         coord_mode: CoordMode = "normalized",
-        batch_size: int = 32,  # per device
+        batch_size: int = 32,
         num_workers: int = 2,
-        num_val: int = 256,  # images held out for validation
-        num_scenes: int = 20000,  # synthetic source: scenes in the training set
-        celeba_crop: int = 140,  # CelebA: centre crop (pixels) before resizing to image_size
-        on_corrupt: Literal["error", "skip"] = "error",  # folder: unreadable images stop the run, or are skipped
-        upscale_small: bool = False,  # folder: upscale images smaller than needed instead of failing
+        num_val: int = 256,
+        num_scenes: int = 20000,
+        celeba_crop: int = 140,
+        on_corrupt: Literal["error", "skip"] = "error",
+        upscale_small: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()

@@ -50,6 +50,8 @@ class ResBlock(nn.Module):
     3×3 kernel on sin/cos features is itself a 1×1 mix of them (sin(ω(x+δ)) = sin ωx cos ωδ + cos ωx sin ωδ),
     but with weights that depend on the grid spacing δ, i.e. on the resolution. The 1×1 form is the
     resolution-independent part and costs 1/9 of the FLOPs.
+
+    Args:
     """
 
     def __init__(
@@ -116,27 +118,46 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM U-Net; forward(x, t, grid=None, scale=None) → ε̂ of x's shape."""
+    """DDPM U-Net; forward(x, t, grid=None, scale=None) → ε̂ of x's shape.
+
+    Args:
+        in_channels: Image channels in.
+        out_channels: Channels of ε̂.
+        base_channels: Channels at level 0.
+        channel_mult: Level l has base_channels × channel_mult[l] channels and runs at H/2^l.
+        num_res_blocks: ResBlocks per level on the down path (one more on the up path).
+        attention_levels: Levels with self-attention.
+        head_channels: Channels per attention head.
+        dropout: Dropout inside the ResBlocks.
+        coord_frequencies: Fourier frequencies of the coordinate grid, added in every ResBlock; 0: none.
+        coord_max_frequency: Highest frequency, in cycles per canvas half-width (normalised coordinates).
+        coord_basis: log-spaced frequencies, or random gaussian ones.
+        coord_antialias: Damp the frequencies a level cannot resolve at its pixel spacing.
+        safa_levels: Levels whose ResBlocks use a scale-aware second convolution (SAFA).
+        safa_kernels: K, the kernels SAFA mixes per scale.
+        safa_mode: How SAFA applies per-sample kernels: grouped, experts or stacked (auto picks by feature-map size).
+        scale_ref: SAFA sees log2(scale / scale_ref).
+    """
 
     def __init__(
         self,
         *,
         in_channels: int = 3,
         out_channels: int = 3,
-        base_channels: int = 64,  # channels at level 0
-        channel_mult: Sequence[int] = (1, 2, 2, 2),  # channels of level l = base × mult[l]
-        num_res_blocks: int = 2,  # ResBlocks per level on the down path (one more on the up path)
-        attention_levels: Sequence[int] = (1,),  # levels with self-attention (level l is at H/2^l)
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_levels: Sequence[int] = (1,),
         head_channels: int = 64,
         dropout: float = 0.1,
-        coord_frequencies: int = 0,  # Fourier frequencies of the coordinate grid; 0 = no coordinates
+        coord_frequencies: int = 0,
         coord_max_frequency: float = 16.0,
         coord_basis: Literal["log", "gaussian"] = "log",
-        coord_antialias: bool = True,  # damp frequencies a level cannot resolve
-        safa_levels: Sequence[int] = (),  # levels whose ResBlocks use a scale-aware second conv
-        safa_kernels: int = 4,  # K
+        coord_antialias: bool = True,
+        safa_levels: Sequence[int] = (),
+        safa_kernels: int = 4,
         safa_mode: SafaMode = "auto",
-        scale_ref: float = 64.0,  # SAFA sees log2(scale / scale_ref)
+        scale_ref: float = 64.0,
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
