@@ -71,3 +71,19 @@ def test_averaged_swaps_the_ema_weights_in_and_the_raw_ones_back_during_training
     fit(3, ema, probe)
     assert probe.seen["inside"] == pytest.approx(-119 / 44, abs=1e-6)  # sampling callbacks see the average
     assert probe.seen["after"] == pytest.approx(-3.0)  # and training goes on with the raw weight
+
+
+def test_testing_from_a_checkpoint_loads_the_ema_weights_without_a_warning(tmp_path, recwarn):
+    """Outside fit the checkpoint's state_dict (the average) is the model: no "cannot be restored" warning."""
+    module = Scalar()
+    trainer = L.Trainer(max_steps=3, callbacks=[EMA(decay=0.9)], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(module)
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    module.test_step = lambda batch, batch_idx: None
+    module.test_dataloader = module.train_dataloader
+    recwarn.clear()
+    L.Trainer(callbacks=[EMA(decay=0.9)], logger=False, enable_progress_bar=False, enable_model_summary=False,
+              accelerator="cpu").test(module, ckpt_path=ckpt)
+    assert module.w.item() == pytest.approx(-119 / 44)  # the average after 3 steps (see the test above)
+    assert not [w for w in recwarn if "WeightAveraging" in str(w.message)]

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 class EMA(EMAWeightAveraging):
@@ -61,6 +62,12 @@ class EMA(EMAWeightAveraging):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._num_updates = state_dict.get("num_updates", 0)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Outside fit there is no average to restore: the checkpoint's state_dict (the EMA weights) is the
+        model, so `mrdiff test` / `sample` need no warning that the averaging state is not restored."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     @contextmanager
     def averaged(self, pl_module: L.LightningModule) -> Iterator[None]:
