@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,12 +12,11 @@ from mrdiff.data.synthetic import (
     RIDGE_SUN_GAP,
     SUN_RADIUS_RANGE,
     Scene,
-    SyntheticScenes,
-    canvas_grid,
     render,
     render_canvas,
     sample_scene,
 )
+from mrdiff.nn.coords import canvas_grid
 
 
 def test_sample_scene_is_deterministic() -> None:
@@ -120,18 +117,3 @@ def test_render_rejects_bad_grid() -> None:
     """Grids must be [2, h, w]."""
     with pytest.raises(ValueError):
         render(sample_scene(0), torch.zeros(3, 4, 4), (0.5, 0.5))
-
-
-def test_dataset_items_match_scenes() -> None:
-    """Item i is scene seed + i rendered at the dataset size."""
-    data = SyntheticScenes(num_scenes=5, size=32, seed=100)
-    assert len(data) == 5
-    assert data.scene(2) == sample_scene(102)
-    assert torch.equal(data[2], render_canvas(sample_scene(102), 32, 32))
-    assert data[4].shape == (3, 32, 32)
-    assert data.scene(-1) == sample_scene(104)
-    with pytest.raises(IndexError):
-        data.scene(5)
-    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=5)))
-    assert batch.shape == (5, 3, 32, 32)
-    assert not math.isclose((batch[0] - batch[1]).abs().mean().item(), 0.0)

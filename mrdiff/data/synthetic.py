@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
+from mrdiff.nn.coords import canvas_grid
 
 Color = tuple[float, float, float]
 
@@ -128,14 +129,6 @@ def sample_scene(seed: int) -> Scene:
     return Scene(center, radius, sun_color, sky_top, sky_bottom, ridges)
 
 
-def canvas_grid(height: int, width: int) -> torch.Tensor:
-    """Pixel centres of a full ``height x width`` canvas as a ``[2, H, W]`` float32 grid (x, y)."""
-    xs = (2.0 * torch.arange(width, dtype=torch.float64) + 1.0) / width - 1.0
-    ys = (2.0 * torch.arange(height, dtype=torch.float64) + 1.0) / height - 1.0
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([grid_x, grid_y]).float()
-
-
 def _subsample_points(
     grid: torch.Tensor, pixel_size: tuple[float, float], supersample: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,34 +179,3 @@ def render(
 def render_canvas(scene: Scene, height: int, width: int, supersample: int = 4) -> torch.Tensor:
     """Render the full canvas of ``scene`` at ``height x width`` pixels, [3, H, W] in [-1, 1]."""
     return render(scene, canvas_grid(height, width), (2.0 / width, 2.0 / height), supersample)
-
-
-class SyntheticScenes(Dataset[torch.Tensor]):
-    """Length-``num_scenes`` dataset; item ``i`` is ``sample_scene(seed + i)`` rendered at ``size x size``."""
-
-    def __init__(
-        self, *, num_scenes: int = 10000, size: int = 64, seed: int = 0, supersample: int = 4
-    ) -> None:
-        """Store the dataset parameters; scenes are sampled and rendered lazily."""
-        if num_scenes < 1 or size < 1:
-            raise ValueError(f"num_scenes and size must be positive, got {num_scenes} and {size}")
-        self.num_scenes = num_scenes
-        self.size = size
-        self.seed = seed
-        self.supersample = supersample
-        self._grid = canvas_grid(size, size)
-
-    def __len__(self) -> int:
-        """Number of scenes."""
-        return self.num_scenes
-
-    def scene(self, index: int) -> Scene:
-        """Ground-truth scene of item ``index``."""
-        if not -self.num_scenes <= index < self.num_scenes:
-            raise IndexError(f"index {index} out of range for {self.num_scenes} scenes")
-        return sample_scene(self.seed + index % self.num_scenes)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        """Image ``[3, size, size]`` in [-1, 1] of scene ``index``."""
-        pixel = 2.0 / self.size
-        return render(self.scene(index), self._grid, (pixel, pixel), self.supersample)
