@@ -32,7 +32,8 @@ from mrdiff.checkpoint import (
 from mrdiff.conditioning import model_fingerprint, time_conditionings
 from mrdiff.console import info
 from mrdiff.data.datamodule import MultiResDataModule
-from mrdiff.diffusion.noiseshift import Fallback, NoiseShiftTable, SearchSettings
+from mrdiff.diffusion.noiseshift import SearchSettings
+from mrdiff.diffusion.noiseshift_table import Fallback, NoiseShiftTable
 from mrdiff.diffusion.samplers import Sampler
 from mrdiff.loggers import CSVRun, SaveConfig, WandbRun
 from mrdiff.metrics.fid import InceptionWeightsError

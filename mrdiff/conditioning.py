@@ -6,7 +6,7 @@ checked against the model (schedule, checkpoint, weights) and every resolution b
 
 from __future__ import annotations
 
-from mrdiff.diffusion.noiseshift import Fallback, NoiseShiftTable, checkpoint_hash, weights_hash
+from mrdiff.diffusion.noiseshift_table import Fallback, NoiseShiftTable, checkpoint_hash, weights_hash
 from mrdiff.diffusion.samplers import TimeCond
 from mrdiff.diffusion.time_cond import AnalyticShift
 from mrdiff.module import DiffusionModule

@@ -22,7 +22,7 @@ from PIL import Image
 
 from mrdiff.checkpoint import CheckpointError, load_checkpoint
 from mrdiff.cli import OVERWRITE_ENV, MrdiffCLI, main
-from mrdiff.diffusion.noiseshift import weights_hash
+from mrdiff.diffusion.noiseshift_table import weights_hash
 from tests.conftest import ROOT, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

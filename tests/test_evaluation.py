@@ -139,7 +139,7 @@ def test_a_noiseshift_table_adds_a_row(trained, tmp_path):
 def test_calibrate_and_sample_take_unset_options_from_the_configs_callbacks(trained, tmp_path, capsys):
     """`calibrate --config X` searches as X's NoiseShiftCalibration does, and `sample --config X` draws as X's
     SampleGrid does; an option given on the command line wins over the config's."""
-    from mrdiff.diffusion.noiseshift import NoiseShiftTable
+    from mrdiff.diffusion.noiseshift_table import NoiseShiftTable
     from mrdiff.diffusion.samplers import dpm_solver_timesteps
 
     ckpt = copy_checkpoint(trained[1], tmp_path / "run")

@@ -18,16 +18,8 @@ import torch
 from torch import Tensor
 
 from mrdiff.callbacks.noiseshift import plot_table, resolution_warning, summary, unresolved
-from mrdiff.diffusion.noiseshift import (
-    Calibration,
-    NoiseShiftTable,
-    SearchSettings,
-    calibrate,
-    checkpoint_hash,
-    critical_value,
-    decide,
-    weights_hash,
-)
+from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate, critical_value, decide
+from mrdiff.diffusion.noiseshift_table import NoiseShiftTable, checkpoint_hash, weights_hash
 from mrdiff.diffusion.samplers import EpsFn, TimeCond, ddim_sample, ddim_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.diffusion.time_cond import AnalyticShift

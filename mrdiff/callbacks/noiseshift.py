@@ -14,7 +14,8 @@ from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure
 from mrdiff.console import info
 from mrdiff.data.datamodule import MultiResDataModule
-from mrdiff.diffusion.noiseshift import Calibration, NoiseShiftTable, SearchSettings, calibrate, weights_hash
+from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate
+from mrdiff.diffusion.noiseshift_table import NoiseShiftTable, weights_hash
 from mrdiff.diffusion.samplers import SAMPLERS, Sampler, ddim_timesteps, dpm_solver_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.module import DiffusionModule
