@@ -240,8 +240,7 @@ def resolve_last(trainer: Trainer) -> str | None:
     if others:
         raise CheckpointError(f"--ckpt_path last: no {names[0].name} in {names[0].parent}, but the run holds "
                               f"{', '.join(p.name for p in others[:3])}: pass one of them as --ckpt_path")
-    if trainer.is_global_zero:
-        info(f"mrdiff: --ckpt_path last: no checkpoint in {names[0].parent} yet, starting a new run")
+    info(f"mrdiff: --ckpt_path last: no checkpoint in {names[0].parent} yet, starting a new run")
     return None
 
 

@@ -15,7 +15,7 @@ from mrdiff.callbacks.nonfinite import NonFiniteMode, NonFiniteSteps
 from mrdiff.checkpoint import load_weights
 from mrdiff.console import info
 from mrdiff.diffusion.loss import LossWeighting, simple_loss
-from mrdiff.diffusion.samplers import SAMPLERS, STEPPED, EpsFn, PerSampleNoise, Sampler, TimeCond
+from mrdiff.diffusion.samplers import SAMPLERS, STEPPED, EpsFn, PerSampleNoise, Progress, Sampler, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule, ScheduleKind
 from mrdiff.nn.coords import CoordMode, canvas_grid
 from mrdiff.nn.diffusers_unet import DiffusersUNet
@@ -218,7 +218,7 @@ class DiffusionModule(L.LightningModule):
         eta: float = 0.0,  # DDIM only
         time_cond: TimeCond | None = None,
         clip_denoised: bool = True,
-        progress: bool = False,
+        progress: Progress = False,
     ) -> Tensor:
         """Images [len(seeds), C, H, W] in [−1, 1]; sample i depends only on seeds[i]."""
         width = width or height

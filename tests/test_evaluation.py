@@ -167,6 +167,17 @@ def test_calibrate_and_sample_take_unset_options_from_the_configs_callbacks(trai
     assert (tmp_path / "run" / "samples" / "samples_24_noiseshift.png").is_file()
 
 
+def test_one_progress_bar_counts_every_network_call_of_the_evaluation(trained, tmp_path, capsys):
+    """2 rows × 2 sizes × 2 batches × 3 DDIM calls = 24 ticks on one bar, not a 0/1 bar per cell."""
+    ckpt = copy_checkpoint(trained[1], tmp_path / "run")
+    config = write_config(tmp_path / "test.yaml", tmp_path / "run",
+                          evaluation(progress=True, analytic_shift=True, num_samples=3, batch_size=2, fid=False))
+    main(["test", "--config", str(config), f"--ckpt_path={ckpt}", "--trainer.enable_progress_bar=false"])
+    err = capsys.readouterr().err
+    assert "24/24" in err and "test evaluation (ddim-3, network calls)" in err
+    assert "/1 [" not in err and "\x1b[A" not in err  # no per-cell bars, no cursor-up remnants
+
+
 def test_fid_on_without_weights_fails_before_sampling(trained, tmp_path, monkeypatch):
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     config = write_config(tmp_path / "test.yaml", tmp_path / "run", evaluation(fid=True))

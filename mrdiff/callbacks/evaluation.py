@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure, log_table
+from mrdiff.callbacks.noiseshift import sampler_timesteps
 from mrdiff.checkpoint import run_dir_of
 from mrdiff.conditioning import time_conditionings
 from mrdiff.console import info
@@ -120,8 +121,7 @@ class ResolutionEvaluation(L.Callback):
         path = run_dir_of(ckpt, trainer.default_root_dir) / "noiseshift.json"
         if path.is_file():
             return str(path)
-        if trainer.is_global_zero:
-            info(f"mrdiff: no NoiseShift table at {path}: the '+ NoiseShift' row is left out (`mrdiff calibrate`)")
+        info(f"mrdiff: no NoiseShift table at {path}: the '+ NoiseShift' row is left out (`mrdiff calibrate`)")
         return None
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -154,28 +154,35 @@ class ResolutionEvaluation(L.Callback):
                  for hw, cond in time_conditionings(pl_module, self.resolutions, noiseshift=v.noiseshift,
                                                     shift=v.shift, ckpt_path=ckpt).items()}
         if not (self._fid_on(trainer) or self._structure_on(trainer)):
-            if trainer.is_global_zero:
-                    info("mrdiff: ResolutionEvaluation has nothing to measure (no FID, structure off); skipped")
+            info("mrdiff: ResolutionEvaluation has nothing to measure (no FID, structure off); skipped")
             return table
         was_training = pl_module.training
         pl_module.eval()
+        rank, world = rank_and_world()
+        batches = math.ceil(len(range(rank, self.num_samples, world)) / self.batch_size)
+        calls = len(sampler_timesteps(pl_module.schedule, self.sampler, self.steps))
+        bar = tqdm(total=len(table.variants) * len(self.resolutions) * batches * calls, unit="call", smoothing=0.1,
+                   desc=f"{stage} evaluation ({self.sampler}-{self.steps}, network calls)", dynamic_ncols=True,
+                   disable=not self.progress or rank != 0)
         try:
             for height, width in self.resolutions:
-                self._evaluate_resolution(trainer, pl_module, table, height, width, conds)
+                self._evaluate_resolution(trainer, pl_module, table, height, width, conds, bar)
         finally:
+            bar.close()
             pl_module.train(was_training)
         self._report(trainer, pl_module, table, stage, ckpt)
         return table
 
     def _evaluate_resolution(self, trainer: L.Trainer, pl_module: DiffusionModule, table: EvalTable,
                              height: int, width: int, conds: dict[tuple[Variant, tuple[int, int]], Any],
-                             ) -> None:
+                             bar: tqdm) -> None:
         """Reference statistics once, then every variant's fakes at one resolution."""
         key = resolution_key(height, width)
         metric = self._fid_metric(trainer, pl_module, height, width)
         for variant in table.variants:
             time_cond, desc = conds[(variant, (height, width))], f"{variant.label} {key}"
-            fakes = self._generate(trainer, pl_module, height, width, time_cond, metric, desc)
+            bar.set_postfix_str(desc, refresh=False)
+            fakes = self._generate(trainer, pl_module, height, width, time_cond, metric, bar)
             cell: dict[str, float] = {}
             if metric is not None:
                 cell["fid"] = float(metric.compute())
@@ -206,17 +213,16 @@ class ResolutionEvaluation(L.Callback):
 
     @torch.no_grad()
     def _generate(self, trainer: L.Trainer, pl_module: DiffusionModule, height: int, width: int,
-                  time_cond: TimeCond | None, metric: FID | None, desc: str) -> Tensor | None:
+                  time_cond: TimeCond | None, metric: FID | None, bar: tqdm) -> Tensor | None:
         """This rank's fakes: FID features into `metric`; the uint8 images when structure is on."""
         rank, world = rank_and_world()
         seeds = list(range(self.seed, self.seed + self.num_samples))[rank::world]
         keep = [] if self._structure_on(trainer) else None
-        for start in tqdm(range(0, len(seeds), self.batch_size), desc=f"sampling {desc}", leave=False,
-                          disable=not self.progress or rank != 0):
+        for start in range(0, len(seeds), self.batch_size):
             with trainer.precision_plugin.forward_context():
                 images = pl_module.sample(seeds[start:start + self.batch_size], height, width,
                                           sampler=self.sampler, steps=self.steps, eta=self.eta,
-                                          time_cond=time_cond)
+                                          time_cond=time_cond, progress=bar)
             images = to_uint8(images)
             if metric is not None:
                 metric.update_images(images, real=False)

@@ -8,7 +8,7 @@ analytic resolution shift); every update coefficient stays at the nominal t.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -21,6 +21,7 @@ from mrdiff.diffusion.time_cond import identity
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 TimeCond = Callable[[Tensor], Tensor]
+Progress = bool | tqdm  # a bar per sampling run (True), none (False), or a caller's bar to tick
 
 
 class PerSampleNoise:
@@ -53,8 +54,14 @@ def randn_like(x: Tensor, noise: Noise) -> Tensor:
     return torch.randn(x.shape, generator=noise, device=x.device, dtype=x.dtype)
 
 
-def _steps(timesteps: Sequence[int], progress: bool, desc: str):
-    return tqdm(timesteps, desc=desc, leave=False, disable=not progress)
+def _steps(timesteps: Sequence[int], progress: Progress, desc: str) -> Iterator[int]:
+    """The timesteps, ticking a bar of their own (progress=True), a caller's shared bar, or none."""
+    if isinstance(progress, bool):
+        yield from tqdm(timesteps, desc=desc, leave=False, disable=not progress)
+        return
+    for t in timesteps:  # a bar over many sampling runs (an evaluation's): one tick per network call
+        yield t
+        progress.update(1)
 
 
 def predict_x0(x: Tensor, eps: Tensor, alpha_bar: float, clip: bool) -> Tensor:
@@ -73,7 +80,7 @@ def ddpm_sample(
     noise: Noise = None,
     time_cond: TimeCond | None = None,
     clip_denoised: bool = False,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Tensor:
     """Ancestral sampling, DDPM Algorithm 2, written through x̂_0 and the posterior mean (eq. 7).
 
@@ -113,7 +120,7 @@ def ddim_sample(
     noise: Noise = None,
     time_cond: TimeCond | None = None,
     clip_denoised: bool = False,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) over a subsequence of timesteps."""
     time_cond = time_cond or identity
@@ -162,7 +169,7 @@ def dpm_solver_pp_2m_sample(
     noise: Noise = None,  # unused: the solver is deterministic (kept for one sampler signature)
     time_cond: TimeCond | None = None,
     clip_denoised: bool = False,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of the diffusion ODE
     in data prediction x̂_0, one network call per step.
