@@ -8,9 +8,9 @@ from scipy import stats
 
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.data.images import ImageFolder
-from mrdiff.data.sampling import ResumableSampler
+from mrdiff.data.order import ResumableSampler
+from mrdiff.data.patches import PatchCollate, PatchSampler, resize
 from mrdiff.data.synthetic import render_canvas, sample_scene
-from mrdiff.data.transforms import PatchCollate, PatchSampler, resize
 from mrdiff.nn.coords import canvas_grid
 
 

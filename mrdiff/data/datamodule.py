@@ -13,9 +13,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mrdiff.data.images import CelebAImages, ImageFolder
-from mrdiff.data.sampling import ResumableSampler
+from mrdiff.data.order import ResumableSampler
+from mrdiff.data.patches import PatchCollate, PatchSampler, prepare_full
 from mrdiff.data.synthetic import sample_scene
-from mrdiff.data.transforms import PatchCollate, PatchSampler, prepare_full
 from mrdiff.nn.coords import CoordMode
 
 Source = Literal["synthetic", "folder", "celeba"]
