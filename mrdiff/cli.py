@@ -14,12 +14,13 @@ from typing import Any, Literal, NoReturn, TypeVar
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torchvision.utils import save_image
 
 from mrdiff.callbacks.checkpoint import RunCheckpoint
 from mrdiff.callbacks.nonfinite import NonFiniteLossError
+from mrdiff.callbacks.progress import RunProgressBar
 from mrdiff.callbacks.sample_grid import SampleGrid
 from mrdiff.checkpoint import (
     AtomicCheckpointIO,
@@ -51,6 +52,11 @@ class MrdiffTrainer(Trainer):
     """Lightning's Trainer with atomic checkpoints and the `sample` and `calibrate` subcommands."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        callbacks = kwargs.pop("callbacks", None) or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RunProgressBar())  # the training bar's ETA is the run's, not the epoch's
+        kwargs["callbacks"] = callbacks
         plugins = kwargs.pop("plugins", None) or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
