@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from mrdiff.cli import MrdiffCLI, main
 from mrdiff.resolution import parse_resolution
+from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,3 +121,27 @@ def test_console_lines_come_from_rank_zero_only(capsys, monkeypatch):
     info("mrdiff: on rank one")
     out, err = capsys.readouterr()
     assert out == "mrdiff: on rank zero\n" and err == "mrdiff: warning: to stderr\n"
+
+
+def test_a_fit_on_a_celeba_tree_trains_on_the_cropped_resized_faces(tmp_path):
+    """data.source=celeba through `mrdiff fit`: JPEGs under root/celeba/img_align_celeba, centre-cropped to
+    celeba_crop and resized; the training patches come from those images (a known colour per file)."""
+    from mrdiff.checkpoint import load_checkpoint
+
+    root = tmp_path / "data"
+    (root / "celeba" / "img_align_celeba").mkdir(parents=True)
+    for i in range(8):  # a red border outside the 140-pixel centre crop must never reach training
+        image = Image.new("RGB", (178, 218), (250, 0, 0))
+        image.paste(Image.new("RGB", (140, 140), (0, 30 * i, 200)), (19, 39))
+        image.save(root / "celeba" / "img_align_celeba" / f"{i:06d}.jpg", quality=95)
+    config = tmp_path / "celeba.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", **{
+        "data.source": "celeba", "data.root": str(root), "data.image_size": 32, "data.num_scenes": 1,
+        "data.num_val": 2})))
+    cli = MrdiffCLI(args=["fit", "--config", str(config)])
+    ckpt = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    assert ckpt["global_step"] == 4
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    red = batch["image"][:, 0]  # [−1, 1]: the crop holds red 0 (−1); the border's 250 would be near +1
+    assert batch["image"].shape[-2:] == (16, 16) and red.max() < -0.5  # JPEG chroma bleeds a little at the edge
+    assert torch.allclose(batch["image"][:, 2].mean(), torch.tensor(200 / 127.5 - 1), atol=0.05)
