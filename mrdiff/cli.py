@@ -14,7 +14,7 @@ from typing import Any, Literal, NoReturn, TypeVar
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torchvision.utils import save_image
 
@@ -52,16 +52,15 @@ class MrdiffTrainer(Trainer):
     """Lightning's Trainer with atomic checkpoints and the `sample` and `calibrate` subcommands."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        callbacks = kwargs.pop("callbacks", None) or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RunProgressBar())  # the training bar's ETA is the run's, not the epoch's
-        kwargs["callbacks"] = callbacks
         plugins = kwargs.pop("plugins", None) or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins.append(AtomicCheckpointIO())
         super().__init__(*args, plugins=plugins, **kwargs)
+        # Lightning's default bar, which restarts every epoch, becomes one over the run's steps. (Swapped after
+        # __init__: popping `callbacks` from kwargs would hide the argument from jsonargparse's signature reading.)
+        self.callbacks = [RunProgressBar(cb.refresh_rate) if type(cb) is TQDMProgressBar else cb
+                          for cb in self.callbacks]
         for logger in self.loggers:
             if isinstance(logger, WandbRun | CSVRun) and logger.dir_from_trainer:
                 logger.use_run_dir(self.default_root_dir)

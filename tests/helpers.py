@@ -60,8 +60,15 @@ class WeightProbe(L.Callback):
     """
 
     def __init__(self) -> None:
-        self.seen: list[tuple[dict[str, torch.Tensor], bool]] = []
+        self.seen: list[tuple[dict[str, torch.Tensor], bool]] = []  # at every batch end
+        self.seen_at_epoch_end: list[tuple[dict[str, torch.Tensor], bool]] = []
+
+    @staticmethod
+    def record(pl_module) -> tuple[dict[str, torch.Tensor], bool]:
+        return {k: v.detach().clone() for k, v in pl_module.state_dict().items()}, pl_module.training
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        self.seen.append((state, pl_module.training))
+        self.seen.append(self.record(pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.seen_at_epoch_end.append(self.record(pl_module))

@@ -248,3 +248,23 @@ def test_sample_grid_leaves_the_raw_training_weights_and_train_mode(tiny_config_
     ema = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "EMA")
     averaged = ema._average_model.module.state_dict()
     assert any(not torch.equal(averaged[k], before.seen[-1][0][k]) for k in averaged if k in before.seen[-1][0])
+
+
+def test_in_fit_evaluation_leaves_the_raw_training_weights_and_train_mode(tiny_config_file, tmp_path):
+    """ResolutionEvaluation every epoch mid-fit: EMA weights in eval mode for sampling, then the raw weights
+    and train mode back, exactly (probes on either side of it in the callback list)."""
+    from tests.helpers import WeightProbe
+
+    callback = evaluation(resolutions=[16], num_samples=2, steps=2, batch_size=2, every_n_epochs=1, fid=False)
+    config = tiny_config_file(**{"trainer.max_steps": 6, "trainer.limit_val_batches": 0})
+    cli = MrdiffCLI(args=["--config", str(config), f"--trainer.callbacks+={json.dumps(callback)}"], run=False)
+    before, after = WeightProbe(), WeightProbe()
+    index = next(i for i, cb in enumerate(cli.trainer.callbacks) if type(cb).__name__ == "ResolutionEvaluation")
+    cli.trainer.callbacks[index:index + 1] = [before, cli.trainer.callbacks[index], after]
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert len(before.seen_at_epoch_end) == len(after.seen_at_epoch_end) == 2  # 3 steps per epoch
+    assert len(list((tmp_path / "run").glob("eval_table_step*.md"))) == 2  # it did evaluate, twice
+    for (state_before, training_before), (state_after, training_after) in zip(before.seen_at_epoch_end,
+                                                                              after.seen_at_epoch_end):
+        assert training_before and training_after
+        assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
