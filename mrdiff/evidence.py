@@ -109,6 +109,7 @@ class Settings:
     figure_samples: int = 6
     variants: tuple[str, ...] = ("plain", "noiseshift", "analytic")
     extractor: torch.nn.Module | None = None  # Inception (FID and KID per cell), when weights are given
+    sampler_check: int = 0  # samples per sampler in the DDIM / DDPM / DPM-Solver++ comparison at R; 0: none
 
 
 def references(height: int, width: int, num: int) -> torch.Tensor:
@@ -198,6 +199,26 @@ def upsample(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(images, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
+SAMPLER_CHECK = (("ddim", 50), ("ddpm", 1000), ("dpmpp_2m", 10))
+
+
+def sampler_check(model: DiffusionModule, reference: torch.Tensor, radii: list[float], num: int,
+                  batch_size: int) -> dict[str, dict[str, float]]:
+    """The same seeds and weights at R through DDIM-50, DDPM-1000 and DPM-Solver++-10: a sampler defect (or
+    the deterministic samplers' sensitivity to ε errors at low t) shows as speckle that DDPM does not have."""
+    side = model.hparams.train_resolution
+    key = resolution_key(side, side)
+    out = {}
+    for sampler, steps in SAMPLER_CHECK:
+        start, images = time.time(), []
+        for first in range(0, num, batch_size):
+            seeds = list(range(first, min(first + batch_size, num)))
+            images.append(model.sample(seeds, side, side, sampler=sampler, steps=steps).float().cpu())
+        out[f"{SAMPLER_NAMES[sampler]}-{steps}"] = {**cell_metrics(torch.cat(images), reference, radii, key),
+                                                    "seconds": time.time() - start}
+    return out
+
+
 def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) -> dict:
     """Every (row, resolution) cell; rows are (model, variant), 'fixed + upsample' and 'ground truth'."""
     radii = reference_radii(1000)
@@ -216,6 +237,11 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
         train_side = model.hparams.train_resolution
         diagnostics[name] = {"global_step": payload["global_step"], "train_seconds": payload.get("train_seconds"),
                              "command": payload.get("command"), "eps_mse": {}}
+        if settings.sampler_check:
+            side = (train_side, train_side)
+            reference = refs[side] if side in refs else references(*side, settings.num_reference)
+            diagnostics[name]["samplers"] = sampler_check(model, reference, radii, settings.sampler_check,
+                                                          settings.batch_size)
         for hw in settings.resolutions:
             key = resolution_key(*hw)
             diagnostics[name]["eps_mse"][key] = eps_mse_by_bucket(model, refs[hw])
@@ -291,6 +317,22 @@ def markdown(result: dict) -> str:
         minutes = f"{diag['train_seconds'] / 60:.1f}" if diag.get("train_seconds") else "–"
         lines.append(f"| {name} | {diag['global_step']} | {minutes} | " + " | ".join(
             f"{mse[b]['eps_mse']:.4f} ({mse[b]['x0_mse']:.3g})" if b in mse else "–" for b in buckets) + " |")
+    checks = {name: diag["samplers"] for name, diag in result["diagnostics"].items() if diag.get("samplers")}
+    if checks:
+        lines += ["", f"**Samplers at R: the same seeds and weights through each sampler "
+                      f"({meta.get('sampler_check')} samples)**", "",
+                  "| model | sampler | one-sun rate | neighbour difference | spectrum distance | seconds |",
+                  "|---|---|---:|---:|---:|---:|"]
+        truth = result["cells"].get("ground truth", {}).get(base)
+        if truth:
+            lines.append(f"| ground truth | – | {_fmt(truth, 'one_sun_rate', '{:.2f}')} | "
+                         f"{_fmt(truth, 'neighbour_difference', '{:.3f}')} | "
+                         f"{_fmt(truth, 'spectrum_distance', '{:.3f}')} | – |")
+        for name, by_sampler in checks.items():
+            for sampler, cell in by_sampler.items():
+                lines.append(f"| {name} | {sampler} | {_fmt(cell, 'one_sun_rate', '{:.2f}')} | "
+                             f"{_fmt(cell, 'neighbour_difference', '{:.3f}')} | "
+                             f"{_fmt(cell, 'spectrum_distance', '{:.3f}')} | {cell['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -355,6 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration-images", type=int, default=32)
     p.add_argument("--num-reference", type=int, default=1000)
     p.add_argument("--variants", default="plain,noiseshift,analytic")
+    p.add_argument("--sampler-check", type=int, default=0, metavar="N",
+                   help="also sample N seeds at R with DDIM-50, DDPM-1000 and DPM-Solver++-10 (a sampler check)")
     p.add_argument("--inception-weights", default=None,
                    help="Inception weights file: adds FID and KID per cell (default: $MRDIFF_INCEPTION_WEIGHTS)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -388,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
                         batch_size=args.batch_size,
                         calibration_images=args.calibration_images, num_reference=args.num_reference,
                         variants=tuple(v.strip() for v in args.variants.split(",")),
+                        sampler_check=args.sampler_check,
                         extractor=inception(args.inception_weights).to(device)
                         if configured_weights(args.inception_weights) else None)
     result = evaluate(weights, settings, device)
@@ -398,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "torch": torch.__version__, "wall_seconds": time.time() - start,
         "resolutions": settings.resolutions, "num_samples": settings.num_samples, "sampler": settings.sampler,
-        "steps": settings.steps,
+        "steps": settings.steps, "sampler_check": settings.sampler_check,
         "base_resolution": first["module"]["train_resolution"], "models": {n: str(p) for n, p in weights.items()},
     }
     write_report(result, Path(args.out))

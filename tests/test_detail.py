@@ -76,3 +76,43 @@ def test_evidence_never_overwrites_an_earlier_report(tmp_path):
         main(["--out", str(tmp_path), "--models", "fixed"])
     assert (tmp_path / "table.json").read_text() == "{}"
 
+
+
+@pytest.mark.slow
+def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
+    """Two exported models through `python -m mrdiff.evidence`: every row and column, the upsample baseline
+    above R only, the sampler check, and a cell equal to the structure score of the model's own samples."""
+    import json
+
+    from mrdiff.evidence import load_model, main
+    from mrdiff.metrics.structure import sun_counts
+    from mrdiff.module import DiffusionModule
+    from mrdiff.nn.unet import UNet
+
+    nets = {"fixed": {}, "multires": {"coord_frequencies": 2, "safa_levels": [1], "scale_ref": 16.0}}
+    for name, extra in nets.items():
+        net_args = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [],
+                    "dropout": 0.0, **extra}
+        torch.manual_seed(0)
+        module = DiffusionModule(UNet(**net_args), train_resolution=16, train_scales=[16, 32])
+        for p in module.net.parameters():  # a non-zero output layer, so samples differ between models
+            p.data.add_(0.01 * torch.randn_like(p))
+        torch.save({"state_dict": {k: v.half() for k, v in module.state_dict().items()}, "net": net_args,
+                    "module": {"train_resolution": 16, "train_scales": [16, 32]}, "data": {}, "global_step": 7,
+                    "command": "test", "train_seconds": 1.0}, tmp_path / f"{name}.pt")
+    out = tmp_path / "report"
+    main(["--models", "fixed,multires", "--weights", str(tmp_path), "--out", str(out), "--resolutions", "16,32",
+          "--num-samples", "4", "--batch-size", "4", "--sampler", "dpmpp_2m", "--steps", "2", "--variants",
+          "plain,analytic", "--num-reference", "8", "--sampler-check", "2", "--device", "cpu"])
+    report = json.loads((out / "table.json").read_text())
+    cells = report["cells"]
+    assert set(cells) == {"ground truth", "fixed", "fixed + analytic", "multires", "multires + analytic",
+                          "fixed + upsample"}
+    assert set(cells["fixed + upsample"]) == {"32"} and set(cells["fixed"]) == {"16", "32"}
+    assert report["meta"]["sampler"] == "dpmpp_2m" and report["diagnostics"]["fixed"]["global_step"] == 7
+    assert set(report["diagnostics"]["multires"]["samplers"]) == {"DDIM-50", "DDPM-1000", "DPM-Solver++(2M)-10"}
+    model, _ = load_model(tmp_path / "fixed.pt", torch.device("cpu"))
+    images = model.sample([0, 1, 2, 3], 16, 16, sampler="dpmpp_2m", steps=2)
+    assert cells["fixed"]["16"]["one_sun_rate"] == pytest.approx(float((sun_counts(images) == 1).mean()))
+    markdown = (out / "table.md").read_text()
+    assert "DPM-Solver++(2M)-2" in markdown and "**Samplers at R" in markdown and (out / "samples.png").is_file()
