@@ -103,6 +103,7 @@ class Settings:
     num_samples: int = 400
     sampler: Sampler = "ddim"
     steps: int = 50  # network calls per sample
+    eta: float = 0.0  # DDIM's η: 1 re-noises every step like DDPM (robust to ε errors of a young model)
     batch_size: int = 400
     calibration_images: int = 32
     num_reference: int = 1000  # ground-truth renders per resolution (spectra, colours)
@@ -123,7 +124,7 @@ def generate(model: DiffusionModule, height: int, width: int, settings: Settings
     for start in range(0, len(seeds), settings.batch_size):
         with autocast:
             out.append(model.sample(seeds[start:start + settings.batch_size], height, width, sampler=settings.sampler,
-                                    steps=settings.steps, time_cond=time_cond).float().cpu())
+                                    steps=settings.steps, eta=settings.eta, time_cond=time_cond).float().cpu())
     return torch.cat(out)
 
 
@@ -199,7 +200,7 @@ def upsample(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(images, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
-SAMPLER_CHECK = (("ddim", 50), ("ddpm", 1000), ("dpmpp_2m", 10))
+SAMPLER_CHECK = (("ddim", 50, 0.0), ("ddim", 50, 1.0), ("ddpm", 1000, 0.0), ("dpmpp_2m", 10, 0.0))
 
 
 def sampler_check(model: DiffusionModule, reference: torch.Tensor, radii: list[float], num: int,
@@ -209,13 +210,14 @@ def sampler_check(model: DiffusionModule, reference: torch.Tensor, radii: list[f
     side = model.hparams.train_resolution
     key = resolution_key(side, side)
     out = {}
-    for sampler, steps in SAMPLER_CHECK:
+    for sampler, steps, eta in SAMPLER_CHECK:
         start, images = time.time(), []
         for first in range(0, num, batch_size):
             seeds = list(range(first, min(first + batch_size, num)))
-            images.append(model.sample(seeds, side, side, sampler=sampler, steps=steps).float().cpu())
-        out[f"{SAMPLER_NAMES[sampler]}-{steps}"] = {**cell_metrics(torch.cat(images), reference, radii, key),
-                                                    "seconds": time.time() - start}
+            images.append(model.sample(seeds, side, side, sampler=sampler, steps=steps, eta=eta).float().cpu())
+        label, samples = f"{SAMPLER_NAMES[sampler]}-{steps}" + (f" (η = {eta:g})" if eta else ""), torch.cat(images)
+        out[label] = {**cell_metrics(samples, reference, radii, key), "seconds": time.time() - start,
+                      "saturated": float((samples.abs() > 0.98).float().mean())}  # pixels the clipping holds at ±1
     return out
 
 
@@ -296,9 +298,10 @@ def _fmt(cell: dict | None, metric: str, pattern: str) -> str:
 def markdown(result: dict) -> str:
     meta, cells = result["meta"], result["cells"]
     columns = [resolution_key(*hw) for hw in meta["resolutions"]]
+    eta = f" (η = {meta['eta']:g})" if meta.get("eta") else ""
     lines = [f"Written by `{meta['command']}` on {meta['device']} (torch {meta['torch']}) in "
              f"{meta['wall_seconds'] / 60:.1f} min. {meta['num_samples']} samples per cell, "
-             f"{SAMPLER_NAMES.get(meta.get('sampler', 'ddim'), meta.get('sampler'))}-{meta['steps']}, "
+             f"{SAMPLER_NAMES.get(meta.get('sampler', 'ddim'), meta.get('sampler'))}-{meta['steps']}{eta}, "
              f"seeds 0..{meta['num_samples'] - 1}; intervals are 95% (Wilson for rates, bootstrap for means). "
              f"Trained at R = {meta['base_resolution']}.", ""]
     for metric, title, pattern in METRICS:
@@ -321,18 +324,19 @@ def markdown(result: dict) -> str:
     if checks:
         lines += ["", f"**Samplers at R: the same seeds and weights through each sampler "
                       f"({meta.get('sampler_check')} samples)**", "",
-                  "| model | sampler | one-sun rate | neighbour difference | spectrum distance | seconds |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  "| model | sampler | one-sun rate | neighbour difference | spectrum distance | pixels at ±1 | "
+                  "seconds |", "|---|---|---:|---:|---:|---:|---:|"]
         truth = result["cells"].get("ground truth", {}).get(base)
         if truth:
             lines.append(f"| ground truth | – | {_fmt(truth, 'one_sun_rate', '{:.2f}')} | "
                          f"{_fmt(truth, 'neighbour_difference', '{:.3f}')} | "
-                         f"{_fmt(truth, 'spectrum_distance', '{:.3f}')} | – |")
+                         f"{_fmt(truth, 'spectrum_distance', '{:.3f}')} | – | – |")
         for name, by_sampler in checks.items():
             for sampler, cell in by_sampler.items():
                 lines.append(f"| {name} | {sampler} | {_fmt(cell, 'one_sun_rate', '{:.2f}')} | "
                              f"{_fmt(cell, 'neighbour_difference', '{:.3f}')} | "
-                             f"{_fmt(cell, 'spectrum_distance', '{:.3f}')} | {cell['seconds']:.0f} |")
+                             f"{_fmt(cell, 'spectrum_distance', '{:.3f}')} | {cell['saturated']:.3f} | "
+                             f"{cell['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -393,6 +397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=400)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"])
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's η (1: stochastic, DDPM-like)")
     p.add_argument("--batch-size", type=int, default=400)
     p.add_argument("--calibration-images", type=int, default=32)
     p.add_argument("--num-reference", type=int, default=1000)
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         export(ckpt, path, "mrdiff " + shlex.join(fit), time.time() - run_start)
     device = torch.device(args.device)
     settings = Settings(resolutions=[parse_resolution(r) for r in args.resolutions.split(",")],
-                        num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
+                        num_samples=args.num_samples, sampler=args.sampler, steps=args.steps, eta=args.eta,
                         batch_size=args.batch_size,
                         calibration_images=args.calibration_images, num_reference=args.num_reference,
                         variants=tuple(v.strip() for v in args.variants.split(",")),
@@ -443,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "torch": torch.__version__, "wall_seconds": time.time() - start,
         "resolutions": settings.resolutions, "num_samples": settings.num_samples, "sampler": settings.sampler,
-        "steps": settings.steps, "sampler_check": settings.sampler_check,
+        "steps": settings.steps, "eta": settings.eta, "sampler_check": settings.sampler_check,
         "base_resolution": first["module"]["train_resolution"], "models": {n: str(p) for n, p in weights.items()},
     }
     write_report(result, Path(args.out))

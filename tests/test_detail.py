@@ -103,16 +103,17 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     out = tmp_path / "report"
     main(["--models", "fixed,multires", "--weights", str(tmp_path), "--out", str(out), "--resolutions", "16,32",
           "--num-samples", "4", "--batch-size", "4", "--sampler", "dpmpp_2m", "--steps", "2", "--variants",
-          "plain,analytic", "--num-reference", "8", "--sampler-check", "2", "--device", "cpu"])
+          "plain,analytic", "--num-reference", "8", "--sampler-check", "2", "--device", "cpu", "--eta", "1"])
     report = json.loads((out / "table.json").read_text())
     cells = report["cells"]
     assert set(cells) == {"ground truth", "fixed", "fixed + analytic", "multires", "multires + analytic",
                           "fixed + upsample"}
     assert set(cells["fixed + upsample"]) == {"32"} and set(cells["fixed"]) == {"16", "32"}
     assert report["meta"]["sampler"] == "dpmpp_2m" and report["diagnostics"]["fixed"]["global_step"] == 7
-    assert set(report["diagnostics"]["multires"]["samplers"]) == {"DDIM-50", "DDPM-1000", "DPM-Solver++(2M)-10"}
+    assert set(report["diagnostics"]["multires"]["samplers"]) == {"DDIM-50", "DDIM-50 (η = 1)", "DDPM-1000",
+                                                                  "DPM-Solver++(2M)-10"}
     model, _ = load_model(tmp_path / "fixed.pt", torch.device("cpu"))
-    images = model.sample([0, 1, 2, 3], 16, 16, sampler="dpmpp_2m", steps=2)
+    images = model.sample([0, 1, 2, 3], 16, 16, sampler="dpmpp_2m", steps=2)  # η is DDIM-only
     assert cells["fixed"]["16"]["one_sun_rate"] == pytest.approx(float((sun_counts(images) == 1).mean()))
     markdown = (out / "table.md").read_text()
     assert "DPM-Solver++(2M)-2" in markdown and "**Samplers at R" in markdown and (out / "samples.png").is_file()
