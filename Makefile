@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all demo evidence bench lint clean
+.PHONY: install test test-slow test-all demo evidence evidence-cpu bench lint clean
 
 install: $(STAMP)
 
@@ -30,11 +30,18 @@ demo: $(STAMP)
 evidence: $(STAMP)  # the synthetic-scenes Table 1: trains missing models (a GPU job), evaluates, writes results/evidence
 	$(BIN)/python -m mrdiff.evidence --train
 
+EVIDENCE_CPU_OUT ?= results/evidence/cpu_matrix-$(shell date +%Y%m%d-%H%M%S)
+evidence-cpu: $(STAMP)  # the CPU-sized matrix: shipped models/evidence_cpu weights (or --train), evaluated as in the README
+	$(BIN)/python -m mrdiff.evidence --models fixed,multires --weights models/evidence_cpu --train \
+	  --overlay configs/evidence/cpu.yaml --runs runs/evidence_cpu --device cpu --out $(EVIDENCE_CPU_OUT) \
+	  --resolutions 24,32,48,64,32x64 --num-samples 400 --batch-size 400 --sampler ddim --steps 25 --eta 1 \
+	  --variants plain --num-reference 400 --sampler-check 64
+
 bench: $(STAMP)
 	$(BIN)/python -m mrdiff.bench
 
 lint: $(STAMP)
-	$(BIN)/ruff check mrdiff tests
+	$(BIN)/ruff check mrdiff tests scripts
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache

@@ -113,8 +113,10 @@ class Settings:
     sampler_check: int = 0  # samples per sampler in the DDIM / DDPM / DPM-Solver++ comparison at R; 0: none
 
 
-def references(height: int, width: int, num: int) -> torch.Tensor:
-    return torch.stack([render_canvas(sample_scene(HELD_OUT_SEED + i), height, width) for i in range(num)])
+def references(height: int, width: int, num: int, first: int = 0) -> torch.Tensor:
+    """Held-out renders HELD_OUT_SEED + first … + first + num − 1 (the ground-truth row uses others than the
+    reference set, so its distances are the metric's floor, not zero by construction)."""
+    return torch.stack([render_canvas(sample_scene(HELD_OUT_SEED + first + i), height, width) for i in range(num)])
 
 
 def generate(model: DiffusionModule, height: int, width: int, settings: Settings, time_cond=None) -> torch.Tensor:
@@ -231,7 +233,7 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
     tables: dict[str, dict] = {}
     for hw in settings.resolutions:
         key = resolution_key(*hw)
-        gt = refs[hw][: settings.num_samples]
+        gt = references(*hw, settings.num_samples, first=settings.num_reference)  # disjoint from the reference
         cells.setdefault("ground truth", {})[key] = cell_metrics(gt, refs[hw], radii, key, settings.extractor)
         figure.setdefault("ground truth", {})[key] = gt[: settings.figure_samples]
     for name, path in models.items():

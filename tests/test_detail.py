@@ -117,3 +117,4 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     assert cells["fixed"]["16"]["one_sun_rate"] == pytest.approx(float((sun_counts(images) == 1).mean()))
     markdown = (out / "table.md").read_text()
     assert "DPM-Solver++(2M)-2" in markdown and "**Samplers at R" in markdown and (out / "samples.png").is_file()
+    assert cells["ground truth"]["32"]["spectrum_distance"] > 0  # other renders than the reference set

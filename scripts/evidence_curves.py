@@ -1,0 +1,61 @@
+"""Training curves of evidence fits from their CSV logs: validation loss and the in-fit structure score.
+
+    python scripts/evidence_curves.py results/evidence/cpu_fits   # reads <name>.metrics.csv, writes curves.md/.png
+
+The in-fit evaluation (ResolutionEvaluation, EMA weights) samples 200 seeds per size with the sampler its
+config names; the validation loss is L_simple on held-out data (each model's own training distribution:
+whole scenes for the fixed model, multi-resolution patches for the others, so compare losses within a row).
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def read(path: Path) -> dict[str, dict[int, float]]:
+    """metric → {step: value} from a Lightning CSV log (rows hold the metrics logged at that step)."""
+    out: dict[str, dict[int, float]] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value not in ("", None):
+                    out.setdefault(key, {})[int(row["step"]) + 1] = float(value)
+    return out
+
+
+def main(folder: Path) -> None:
+    logs = {p.name.removesuffix(".metrics.csv"): read(p) for p in sorted(folder.glob("*.metrics.csv"))}
+    lines = [f"Written by `python scripts/evidence_curves.py {folder}` from the fits' CSV logs.", ""]
+    for name in logs:
+        config = folder / f"{name}.config.yaml"
+        callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"] if config.is_file() else []
+        for cb in callbacks:
+            if cb["class_path"].endswith("ResolutionEvaluation"):
+                a = cb["init_args"]
+                lines.append(f"- {name}: in-fit evaluation of the EMA weights, {a['num_samples']} samples per size, "
+                             f"{a['sampler']}-{a['steps']} (η = {a.get('eta', 0):g}).")
+    lines += ["",
+             "| model | step | val loss | one-sun rate at R (in-fit) | one-sun rate at 2R (in-fit) "
+             "| radius error at R |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, log in logs.items():
+        sizes = sorted({int(k.rsplit("_", 1)[1]) for k in log if k.startswith("val/one_sun_rate_")})
+        if len(sizes) < 2:
+            continue
+        r, r2 = sizes[0], sizes[-1]
+        for step in sorted(log[f"val/one_sun_rate_{r}"]):
+            loss = log.get("val/loss", {})
+            near = min(loss, key=lambda s: abs(s - step)) if loss else None
+            lines.append(f"| {name} | {step} | {loss[near]:.5f} | {log[f'val/one_sun_rate_{r}'][step]:.3f} | "
+                         f"{log[f'val/one_sun_rate_{r2}'][step]:.3f} | {log[f'val/radius_error_{r}'][step]:.3f} |"
+                         if near is not None else f"| {name} | {step} | – | – | – | – |")
+    (folder / "curves.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "results/evidence/cpu_fits"))
