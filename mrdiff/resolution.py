@@ -10,8 +10,11 @@ Resolution = int | str
 
 def parse_resolution(value: Resolution | tuple[int, int]) -> tuple[int, int]:
     """64 → (64, 64); "96x128" (also "96X128", "96×128") → (96, 128) as height × width; (h, w) passes."""
-    if isinstance(value, tuple) and len(value) == 2:
-        value = resolution_key(*value)
+    if isinstance(value, tuple):  # already parsed (callbacks hold pairs): check it, no string round trip
+        height, width = value
+        if height <= 0 or width <= 0:
+            raise ValueError(f"resolution {value!r} must be positive")
+        return int(height), int(width)
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", str(value))
     if not match:
         raise ValueError(f"resolution {value!r} is neither N nor HxW (e.g. 64 or 96x128)")
