@@ -172,7 +172,8 @@ def test_one_progress_bar_counts_every_network_call_of_the_evaluation(trained, t
     ckpt = copy_checkpoint(trained[1], tmp_path / "run")
     config = write_config(tmp_path / "test.yaml", tmp_path / "run",
                           evaluation(progress=True, analytic_shift=True, num_samples=3, batch_size=2, fid=False))
-    main(["test", "--config", str(config), f"--ckpt_path={ckpt}", "--trainer.enable_progress_bar=false"])
+    # Lightning's bars on, as users run it (the tiny config turns them off)
+    main(["test", "--config", str(config), f"--ckpt_path={ckpt}", "--trainer.enable_progress_bar=true"])
     err = capsys.readouterr().err
     assert "24/24" in err and "test evaluation (ddim-3, network calls)" in err
     assert "/1 [" not in err and "\x1b[A" not in err  # no per-cell bars, no cursor-up remnants

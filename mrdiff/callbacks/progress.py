@@ -3,6 +3,10 @@
 Lightning's bar counts the batches of the current epoch and restarts at every epoch, so its ETA is the
 epoch's. mrdiff's runs are step-bounded (and synthetic epochs are arbitrary), so the bar counts global
 steps, starting from the resumed step. Without max_steps it falls back to Lightning's per-epoch bar.
+
+`mrdiff test` has no test bar: its dataloader is a one-batch placeholder, and the work is the
+ResolutionEvaluation, which has a bar of its own. Two open bars would nest, and tqdm would write
+cursor-up escapes ("\x1b[A") into every redirected log.
 """
 
 from __future__ import annotations
@@ -11,10 +15,15 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 class RunProgressBar(TQDMProgressBar):
     """TQDMProgressBar whose training bar runs from the resumed step to max_steps across epochs."""
+
+    def init_test_tqdm(self) -> Tqdm:
+        """A closed bar: the test stage's only bar is the evaluation's."""
+        return Tqdm(disable=True)
 
     def _by_steps(self, trainer: L.Trainer) -> bool:
         return trainer.max_steps > 0 and self.train_progress_bar is not None
