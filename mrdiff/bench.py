@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mrdiff.diffusion.loss import simple_loss
 from mrdiff.diffusion.noiseshift import SearchSettings, calibrate
-from mrdiff.diffusion.samplers import ddim_timesteps
+from mrdiff.diffusion.samplers import SamplingSettings, ddim_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.coords import crop_grid
@@ -185,7 +185,7 @@ def sampling_rows(preset: dict, device: torch.device) -> list[Row]:
 
         def run(res: int = res) -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                module.sample(list(range(n)), res, steps=50)
+                module.sample(list(range(n)), res, sampling=SamplingSettings("ddim", 50))
 
         rows.append(Row(f"sample DDIM-50 at {res}² bf16", run, n, [], count_flops(run)))
     return rows

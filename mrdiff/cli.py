@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -35,7 +36,7 @@ from mrdiff.console import info
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import SearchSettings
 from mrdiff.diffusion.noiseshift_table import Fallback, NoiseShiftTable
-from mrdiff.diffusion.samplers import Sampler
+from mrdiff.diffusion.samplers import Sampler, SamplingSettings
 from mrdiff.loggers import CSVRun, SaveConfig, WandbRun
 from mrdiff.metrics.fid import InceptionWeightsError
 from mrdiff.module import DiffusionModule
@@ -46,6 +47,7 @@ from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, atomic_write, no_space_e
 OVERWRITE_ENV = "MRDIFF_OVERWRITE"  # =1: `mrdiff fit` may write over a run dir that holds checkpoints
 DEBUG_ENV = "MRDIFF_DEBUG"  # =1: errors mrdiff knows about show their traceback too
 C = TypeVar("C")
+S = TypeVar("S")
 
 
 class MrdiffTrainer(Trainer):
@@ -98,15 +100,16 @@ class MrdiffTrainer(Trainer):
         """Write a PNG grid of `num_samples` samples per resolution; returns their paths.
 
         Options left unset take the config's SampleGrid settings, so `--config <run>/config.yaml` samples
-        the way the run's grids were drawn; the command line overrides them.
+        the way the run's grids were drawn; `--sampler`, `--steps` and `--eta` override the fields of its
+        SamplingSettings one by one (without a SampleGrid: DDIM-50, η = 0).
 
         Args:
             ckpt_path: The checkpoint to sample (its EMA weights); not needed for a pretrained diffusers UNet.
             resolutions: Sizes to sample at, N or HxW (default: the config's SampleGrid's, else [64]).
             num_samples: Samples per resolution, in one grid.
-            sampler: ddim, dpmpp_2m or ddpm (default: the config's SampleGrid's, else ddim).
-            steps: Network calls of DDIM or DPM-Solver++ (default: the config's SampleGrid's, else 50).
-            eta: DDIM's η, 0 for deterministic sampling (default: the config's SampleGrid's, else 0).
+            sampler: Overrides sampling.sampler: ddim, dpmpp_2m or ddpm.
+            steps: Overrides sampling.steps: network calls of DDIM or DPM-Solver++.
+            eta: Overrides sampling.eta: DDIM's η, 0 for deterministic sampling, 1 as stochastic as DDPM.
             seed: Sample i uses seed + i at every resolution.
             noiseshift: A NoiseShift table (JSON) from `mrdiff calibrate` for these weights.
             noiseshift_fallback: What a size missing from the table gets: an error, the nearest calibrated
@@ -118,9 +121,7 @@ class MrdiffTrainer(Trainer):
             raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
         grid = self.configured(SampleGrid)
         resolutions = resolutions or (grid.resolutions if grid else [64])
-        sampler = sampler or (grid.sampler if grid else "ddim")
-        steps = steps or (grid.steps if grid else 50)
-        eta = eta if eta is not None else (grid.eta if grid else 0.0)
+        sampling = overridden(grid.sampling if grid else SamplingSettings(), sampler=sampler, steps=steps, eta=eta)
         sizes = checked_resolutions(model.net, resolutions)
         model = self._load_for_inference(model, ckpt_path, "sample")
         conds = time_conditionings(model, sizes, noiseshift=noiseshift, shift=shift, ckpt_path=ckpt_path,
@@ -132,8 +133,7 @@ class MrdiffTrainer(Trainer):
         for height, width in sizes:
             time_cond = conds[(height, width)]
             with self.precision_plugin.forward_context():
-                images = model.sample(seeds, height, width, sampler=sampler, steps=steps, eta=eta,
-                                      time_cond=time_cond, progress=True)
+                images = model.sample(seeds, height, width, sampling=sampling, time_cond=time_cond, progress=True)
             suffix = "" if time_cond is None else ("_noiseshift" if noiseshift else f"_{shift}")
             wanted = out / f"samples_{resolution_key(height, width)}{suffix}.png"
             path = unused_path(wanted)
@@ -165,42 +165,40 @@ class MrdiffTrainer(Trainer):
     ) -> Path:
         """Calibrate NoiseShift tables for a trained model at the given resolutions.
 
-        Options left unset take the config's NoiseShiftCalibration settings (its resolutions, sampler, steps
-        and search), else the paper's (64², DDIM-50, 64 images, ±0.1 by 0.01 then ±0.01 by 0.001); the
-        command line overrides them one by one.
+        Options left unset take the config's NoiseShiftCalibration settings (its resolutions, SamplingSettings
+        and SearchSettings), else the paper's (64², DDIM-50, 64 images, ±0.1 by 0.01 then ±0.01 by 0.001);
+        each option given overrides one field.
 
         Args:
             ckpt_path: The checkpoint to calibrate (its EMA weights).
             resolutions: Sizes to calibrate, N or HxW.
-            sampler: Calibrate the timesteps this sampler visits: ddim, dpmpp_2m or ddpm.
-            steps: Network calls of that sampler.
-            num_images: Held-out images per resolution (the README says how many a shift needs).
-            coarse_window: Half-width of the coarse search around σ_rf(t), in σ_rf units.
-            coarse_stride: Step of the coarse search.
-            fine_window: Half-width of the fine search around the coarse choice.
-            fine_stride: Step of the fine search.
-            max_batch: Candidates × images per forward pass.
-            k: Move t̂ only when the best candidate beats t by more than k standard errors (0: plain argmin).
-            seed: Seed of the calibration's ε draws (a second seed checks a table's bands).
+            sampler: Overrides sampling.sampler: calibrate the timesteps this sampler visits.
+            steps: Overrides sampling.steps: network calls of that sampler.
+            num_images: Overrides search.num_images: held-out images per resolution.
+            coarse_window: Overrides search.coarse_window: half-width of the coarse search, in σ_rf units.
+            coarse_stride: Overrides search.coarse_stride.
+            fine_window: Overrides search.fine_window: half-width of the fine search around the coarse choice.
+            fine_stride: Overrides search.fine_stride.
+            max_batch: Overrides search.max_batch: candidates × images per forward pass.
+            k: Overrides search.k: move t̂ only when it beats t by more than k standard errors.
+            seed: Overrides search.seed: seed of the ε draws (a second seed checks a table's bands).
             out: The table (default: <run dir>/noiseshift.json); an existing table is merged into, not replaced.
         """
-        from mrdiff.callbacks.noiseshift import NoiseShiftCalibration, calibrate_model, plot_table, sampler_timesteps
+        from mrdiff.callbacks.noiseshift import NoiseShiftCalibration, calibrate_model, plot_table
 
         callback = self.configured(NoiseShiftCalibration)
-        given = {"coarse_window": coarse_window, "coarse_stride": coarse_stride, "fine_window": fine_window,
-                 "fine_stride": fine_stride, "num_images": num_images, "max_batch": max_batch, "k": k, "seed": seed}
-        settings = dataclasses.replace(callback.settings if callback else SearchSettings(),
-                                       **{name: value for name, value in given.items() if value is not None})
+        settings = overridden(callback.settings if callback else SearchSettings(), coarse_window=coarse_window,
+                              coarse_stride=coarse_stride, fine_window=fine_window, fine_stride=fine_stride,
+                              num_images=num_images, max_batch=max_batch, k=k, seed=seed)
+        sampling = overridden(callback.sampling if callback else SamplingSettings(), sampler=sampler, steps=steps)
         resolutions = resolutions or (callback.resolutions if callback else [64])
-        sampler = sampler or (callback.sampler if callback else "ddim")
-        steps = steps or (callback.steps if callback else 50)
         sizes = checked_resolutions(model.net, resolutions)
         model = self._load_for_inference(model, ckpt_path, "calibrate")
         source = "the config's NoiseShiftCalibration" if callback else "the defaults"
-        info(f"mrdiff: calibrating {[resolution_key(*s) for s in sizes]} for {sampler}-{steps} with "
+        info(f"mrdiff: calibrating {[resolution_key(*s) for s in sizes]} for {sampling} with "
              f"{settings.num_images} images, ±{settings.coarse_window:g} by {settings.coarse_stride:g} then "
              f"±{settings.fine_window:g} by {settings.fine_stride:g}, k = {settings.k:g} (unset options: {source})")
-        timesteps = sampler_timesteps(model.schedule, sampler, steps)
+        timesteps = sampling.timesteps(model.schedule)
         with self.precision_plugin.forward_context():
             table = calibrate_model(model, datamodule, sizes, timesteps, settings,
                                     checkpoint=model_fingerprint(model, ckpt_path))
@@ -214,6 +212,11 @@ class MrdiffTrainer(Trainer):
         plot_table(table, path.with_suffix(".png"))
         info(f"mrdiff: NoiseShift table for {table.resolutions()} written to {path}")
         return path
+
+
+def overridden(settings: S, **given: Any) -> S:
+    """The settings with the options given on the command line (those not None) replaced."""
+    return dataclasses.replace(settings, **{name: value for name, value in given.items() if value is not None})
 
 
 def checkpoint_dirs(trainer: Trainer) -> list[Path]:
@@ -284,8 +287,25 @@ class MrdiffArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         self._logger.error(message)
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
-        print(f"mrdiff: error: {' '.join(message.split())} (the options: {prog} --help)", file=sys.stderr)
+        print(moved_option_line(message) or f"mrdiff: error: {' '.join(message.split())} (the options: {prog} --help)",
+              file=sys.stderr)
         self.exit(2)
+
+
+MOVED = {**dict.fromkeys(("sampler", "steps", "eta"), "sampling"),  # SamplingSettings
+         **dict.fromkeys(("num_images", "coarse_window", "coarse_stride", "fine_window", "fine_stride", "max_batch",
+                          "k", "seed"), "search")}  # SearchSettings
+
+
+def moved_option_line(message: str) -> str | None:
+    """The error for a callback option that moved into a settings group (configs written before it did)."""
+    found = re.search(r"class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
+    if not found or found.group(2) not in MOVED:
+        return None
+    callback, option = found.group(1).rsplit(".", 1)[-1], found.group(2)
+    group = MOVED[option]
+    return (f"mrdiff: error: {callback} takes {option} inside `{group}:` now (a config from an older mrdiff): "
+            f"write `{group}: {{{option}: ...}}` under its init_args, as configs/quickstart.yaml does")
 
 
 DESCRIPTION = ("mrdiff: train a multi-resolution diffusion model (fit), sample it at any resolution (sample), "

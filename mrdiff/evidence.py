@@ -25,7 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +34,9 @@ import torch.nn.functional as F
 import yaml
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from mrdiff.callbacks.noiseshift import sampler_timesteps
 from mrdiff.data.synthetic import render_canvas, sample_scene
 from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate
-from mrdiff.diffusion.samplers import Sampler
+from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.diffusion.time_cond import AnalyticShift, InterpolatedTimeCond
 from mrdiff.metrics.detail import bootstrap_interval, detail_report, wilson_interval
 from mrdiff.metrics.fid import FID, configured_weights, inception, to_uint8
@@ -101,9 +100,7 @@ def load_model(path: Path, device: torch.device) -> tuple[DiffusionModule, dict]
 class Settings:
     resolutions: list[tuple[int, int]]
     num_samples: int = 400
-    sampler: Sampler = "ddim"
-    steps: int = 50  # network calls per sample
-    eta: float = 0.0  # DDIM's η: 1 re-noises every step like DDPM (robust to ε errors of a young model)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # η = 1 is robust to a young model's ε
     batch_size: int = 400
     calibration_images: int = 32
     num_reference: int = 1000  # ground-truth renders per resolution (spectra, colours)
@@ -125,15 +122,15 @@ def generate(model: DiffusionModule, height: int, width: int, settings: Settings
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
     for start in range(0, len(seeds), settings.batch_size):
         with autocast:
-            out.append(model.sample(seeds[start:start + settings.batch_size], height, width, sampler=settings.sampler,
-                                    steps=settings.steps, eta=settings.eta, time_cond=time_cond).float().cpu())
+            out.append(model.sample(seeds[start:start + settings.batch_size], height, width,
+                                    sampling=settings.sampling, time_cond=time_cond).float().cpu())
     return torch.cat(out)
 
 
 def noiseshift_cond(model: DiffusionModule, height: int, width: int, settings: Settings) -> tuple[object, dict]:
     """NoiseShift calibrated at (height, width) on held-out renders; returns time_cond and the table."""
     images = references(height, width, settings.calibration_images).to(model.device)
-    timesteps = sampler_timesteps(model.schedule, settings.sampler, settings.steps)
+    timesteps = settings.sampling.timesteps(model.schedule)
     search = SearchSettings(num_images=settings.calibration_images, coarse_stride=0.02, fine_window=0.02,
                             fine_stride=0.004, max_batch=1024)
     grid, scale = model.canvas_inputs(height, width)
@@ -202,7 +199,8 @@ def upsample(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(images, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
-SAMPLER_CHECK = (("ddim", 50, 0.0), ("ddim", 50, 1.0), ("ddpm", 1000, 0.0), ("dpmpp_2m", 10, 0.0))
+SAMPLER_CHECK = (SamplingSettings("ddim", 50), SamplingSettings("ddim", 50, eta=1.0), SamplingSettings("ddpm", 1000),
+                 SamplingSettings("dpmpp_2m", 10))
 
 
 def sampler_check(model: DiffusionModule, reference: torch.Tensor, radii: list[float], num: int,
@@ -212,12 +210,13 @@ def sampler_check(model: DiffusionModule, reference: torch.Tensor, radii: list[f
     side = model.hparams.train_resolution
     key = resolution_key(side, side)
     out = {}
-    for sampler, steps, eta in SAMPLER_CHECK:
+    for sampling in SAMPLER_CHECK:
         start, images = time.time(), []
         for first in range(0, num, batch_size):
             seeds = list(range(first, min(first + batch_size, num)))
-            images.append(model.sample(seeds, side, side, sampler=sampler, steps=steps, eta=eta).float().cpu())
-        label, samples = f"{SAMPLER_NAMES[sampler]}-{steps}" + (f" (η = {eta:g})" if eta else ""), torch.cat(images)
+            images.append(model.sample(seeds, side, side, sampling=sampling).float().cpu())
+        eta = f" (η = {sampling.eta:g})" if sampling.eta else ""
+        label, samples = f"{SAMPLER_NAMES[sampling.sampler]}-{sampling.steps}{eta}", torch.cat(images)
         out[label] = {**cell_metrics(samples, reference, radii, key), "seconds": time.time() - start,
                       "saturated": float((samples.abs() > 0.98).float().mean())}  # pixels the clipping holds at ±1
     return out
@@ -435,9 +434,9 @@ def main(argv: list[str] | None = None) -> None:
         export(ckpt, path, "mrdiff " + shlex.join(fit), time.time() - run_start)
     device = torch.device(args.device)
     settings = Settings(resolutions=[parse_resolution(r) for r in args.resolutions.split(",")],
-                        num_samples=args.num_samples, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                        batch_size=args.batch_size,
-                        calibration_images=args.calibration_images, num_reference=args.num_reference,
+                        num_samples=args.num_samples, sampling=SamplingSettings(args.sampler, args.steps, args.eta),
+                        batch_size=args.batch_size, calibration_images=args.calibration_images,
+                        num_reference=args.num_reference,
                         variants=tuple(v.strip() for v in args.variants.split(",")),
                         sampler_check=args.sampler_check,
                         extractor=inception(args.inception_weights).to(device)
@@ -449,8 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m mrdiff.evidence " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "torch": torch.__version__, "wall_seconds": time.time() - start,
-        "resolutions": settings.resolutions, "num_samples": settings.num_samples, "sampler": settings.sampler,
-        "steps": settings.steps, "eta": settings.eta, "sampler_check": settings.sampler_check,
+        "resolutions": settings.resolutions, "num_samples": settings.num_samples, **asdict(settings.sampling),
+        "sampler_check": settings.sampler_check,
         "base_resolution": first["module"]["train_resolution"], "models": {n: str(p) for n, p in weights.items()},
     }
     write_report(result, Path(args.out))

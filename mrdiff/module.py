@@ -15,7 +15,7 @@ from mrdiff.callbacks.nonfinite import NonFiniteMode, NonFiniteSteps
 from mrdiff.checkpoint import load_weights
 from mrdiff.console import info
 from mrdiff.diffusion.loss import LossWeighting, simple_loss
-from mrdiff.diffusion.samplers import SAMPLERS, STEPPED, EpsFn, PerSampleNoise, Progress, Sampler, TimeCond
+from mrdiff.diffusion.samplers import EpsFn, PerSampleNoise, Progress, SamplingSettings, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule, ScheduleKind
 from mrdiff.nn.coords import CoordMode, canvas_grid
 from mrdiff.nn.diffusers_unet import DiffusersUNet
@@ -213,9 +213,7 @@ class DiffusionModule(L.LightningModule):
         height: int,
         width: int | None = None,
         *,
-        sampler: Sampler = "ddim",
-        steps: int = 50,  # DDIM and DPM-Solver++: network calls
-        eta: float = 0.0,  # DDIM only
+        sampling: SamplingSettings | None = None,  # default: DDIM-50, η = 0
         time_cond: TimeCond | None = None,
         clip_denoised: bool = True,
         progress: Progress = False,
@@ -225,11 +223,9 @@ class DiffusionModule(L.LightningModule):
         grid, scale = self.canvas_inputs(height, width)
         noise = PerSampleNoise(seeds, self.device)
         x_T = noise.randn((self.net_in_channels, height, width))
-        kwargs: dict[str, float] = {"steps": steps} if sampler in STEPPED else {}
-        if sampler == "ddim":
-            kwargs["eta"] = eta
-        x0 = SAMPLERS[sampler](self.eps_fn(grid, scale), self.schedule, x_T, noise=noise, time_cond=time_cond,
-                               clip_denoised=clip_denoised, progress=progress, **kwargs)
+        x0 = (sampling or SamplingSettings()).run(self.eps_fn(grid, scale), self.schedule, x_T, noise=noise,
+                                                  time_cond=time_cond, clip_denoised=clip_denoised,
+                                                  progress=progress)
         return x0.clamp(-1, 1)
 
     @property

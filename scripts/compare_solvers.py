@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.evidence import cell_metrics, load_model, references
 from mrdiff.metrics.structure import reference_radii
 from mrdiff.resolution import resolution_key
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for sampler, steps in ROWS:
         start = time.perf_counter()
-        samples = torch.cat([model.sample(seeds[i:i + args.batch_size], side, sampler=sampler, steps=steps)
+        samples = torch.cat([model.sample(seeds[i:i + args.batch_size], side, sampling=SamplingSettings(sampler, steps))
                              for i in range(0, len(seeds), args.batch_size)])
         seconds = time.perf_counter() - start
         rows.append({"sampler": sampler, "steps": steps, "network_calls": steps,

@@ -83,6 +83,20 @@ def test_fit_then_sample_at_three_resolutions(tiny_config_file, tmp_path):
             assert grid.size == (2 * size[1] + 6, 2 * size[0] + 6)  # 2x2 grid, 2-pixel padding
 
 
+def test_a_callback_option_from_before_the_settings_groups_gets_one_line_naming_its_group(tmp_path, capsys):
+    """Run configs saved by an older mrdiff have `steps:` directly under SampleGrid's init_args."""
+    config = tiny_config(tmp_path / "run")
+    config["trainer"]["callbacks"].append({"class_path": "mrdiff.callbacks.sample_grid.SampleGrid",
+                                           "init_args": {"resolutions": [16], "steps": 2}})
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", "--config", str(tmp_path / "old.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and err == [
+        "mrdiff: error: SampleGrid takes steps inside `sampling:` now (a config from an older mrdiff): write "
+        "`sampling: {steps: ...}` under its init_args, as configs/quickstart.yaml does"]
+
+
 def test_sample_without_checkpoint_says_what_is_missing(tiny_config_file):
     with pytest.raises(ValueError, match="needs a trained model: pass --ckpt_path"):
         main(["sample", "--config", str(tiny_config_file())])

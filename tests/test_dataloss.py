@@ -28,8 +28,9 @@ from tests.conftest import ROOT, tiny_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CALIBRATION = {"class_path": "mrdiff.callbacks.noiseshift.NoiseShiftCalibration",
-               "init_args": {"resolutions": [16], "steps": 3, "num_images": 2, "coarse_stride": 0.05,
-                             "fine_window": 0.01, "fine_stride": 0.005, "max_batch": 64}}
+               "init_args": {"resolutions": [16], "sampling": {"steps": 3},
+                             "search": {"num_images": 2, "coarse_stride": 0.05, "fine_window": 0.01,
+                                        "fine_stride": 0.005, "max_batch": 64}}}
 
 
 def write_config(path: Path, run_dir: Path, *callbacks: dict, **overrides) -> Path:
@@ -141,7 +142,7 @@ def test_sample_refuses_a_table_with_nan_before_writing_samples(run, tmp_path):
 
 def test_mrdiff_test_keeps_the_fits_config_yaml(run, tmp_path):
     evaluation = {"class_path": "mrdiff.callbacks.evaluation.ResolutionEvaluation",
-                  "init_args": {"resolutions": [16], "num_samples": 2, "steps": 2, "batch_size": 2,
+                  "init_args": {"resolutions": [16], "num_samples": 2, "sampling": {"steps": 2}, "batch_size": 2,
                                 "fid": False, "progress": False}}
     config = write_config(tmp_path / "test.yaml", run, evaluation)
     before = (run / "config.yaml").read_bytes()
@@ -152,7 +153,7 @@ def test_mrdiff_test_keeps_the_fits_config_yaml(run, tmp_path):
 
 def test_a_second_mrdiff_test_keeps_the_first_evaluation_table(run, tmp_path):
     evaluation = {"class_path": "mrdiff.callbacks.evaluation.ResolutionEvaluation",
-                  "init_args": {"resolutions": [16], "num_samples": 2, "steps": 2, "batch_size": 2,
+                  "init_args": {"resolutions": [16], "num_samples": 2, "sampling": {"steps": 2}, "batch_size": 2,
                                 "fid": False, "progress": False}}
     config = write_config(tmp_path / "test.yaml", run, evaluation)
     args = ["test", "--config", str(config), f"--ckpt_path={run}/checkpoints/last.ckpt"]

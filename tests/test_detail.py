@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mrdiff.data.synthetic import render_canvas, sample_scene
+from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.metrics.detail import (
     bootstrap_interval,
     neighbour_difference,
@@ -113,7 +114,7 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     assert set(report["diagnostics"]["multires"]["samplers"]) == {"DDIM-50", "DDIM-50 (η = 1)", "DDPM-1000",
                                                                   "DPM-Solver++(2M)-10"}
     model, _ = load_model(tmp_path / "fixed.pt", torch.device("cpu"))
-    images = model.sample([0, 1, 2, 3], 16, 16, sampler="dpmpp_2m", steps=2)  # η is DDIM-only
+    images = model.sample([0, 1, 2, 3], 16, 16, sampling=SamplingSettings("dpmpp_2m", 2))
     assert cells["fixed"]["16"]["one_sun_rate"] == pytest.approx(float((sun_counts(images) == 1).mean()))
     markdown = (out / "table.md").read_text()
     assert "DPM-Solver++(2M)-2" in markdown and "**Samplers at R" in markdown and (out / "samples.png").is_file()

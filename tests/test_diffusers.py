@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from mrdiff.cli import error_line, main
-from mrdiff.diffusion.samplers import dpm_solver_timesteps
+from mrdiff.diffusion.samplers import SamplingSettings, dpm_solver_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.diffusers_unet import DiffusersUNet
@@ -137,7 +137,7 @@ def test_sample_calibrate_test_through_the_cli(model_dir, tmp_path):
     _, folder = model_dir
     run = tmp_path / "run"
     evaluation = {"class_path": "mrdiff.callbacks.evaluation.ResolutionEvaluation", "init_args": {
-        "resolutions": [16, 24], "num_samples": 4, "batch_size": 4, "sampler": "dpmpp_2m", "steps": 3,
+        "resolutions": [16, 24], "num_samples": 4, "batch_size": 4, "sampling": {"sampler": "dpmpp_2m", "steps": 3},
         "noiseshift": "auto", "analytic_shift": True, "fid": False, "structure": True, "progress": False}}
     net = [f"--model.net={NET}", f"--model.net.init_args.path={folder}"]
     config = ["--config", str(config_file(tmp_path, run, evaluation))]
@@ -150,7 +150,7 @@ def test_sample_calibrate_test_through_the_cli(model_dir, tmp_path):
         with Image.open(run / "samples" / f"samples_{side}.png") as png:
             grid = np.asarray(png.convert("RGB")).astype(int)
         assert grid.shape == (2 * side + 6, side + 4, 3)  # two samples in one column, 2-pixel padding
-        expected = module.sample([0, 1], side, sampler="dpmpp_2m", steps=3)
+        expected = module.sample([0, 1], side, sampling=SamplingSettings("dpmpp_2m", 3))
         expected = (expected * 0.5 + 0.5).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         first = grid[2:2 + side, 2:2 + side]
         assert np.abs(first - expected[0].numpy().astype(int)).max() <= 1  # the CLI sampled these weights
@@ -195,4 +195,4 @@ def test_the_shipped_pretrained_config_builds_with_a_model_folder(tmp_path):
                           f"--model.net.init_args.path={folder}", f"--data.root={images}"], run=False)
     assert isinstance(cli.model.net, DiffusersUNet) and cli.model.hparams.train_resolution == 256
     evaluation = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ResolutionEvaluation")
-    assert evaluation.sampler == "dpmpp_2m" and evaluation.steps == 20
+    assert evaluation.sampling == SamplingSettings("dpmpp_2m", 20)

@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from mrdiff.cli import MrdiffCLI, main
+from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.metrics.fid import WEIGHTS_ENV, InceptionWeightsError
 from mrdiff.metrics.structure import reference_radii, structure_score
 from tests.conftest import ROOT, tiny_config
@@ -47,7 +48,7 @@ def write_config(path: Path, run_dir: Path, *callbacks: dict) -> Path:
 
 
 def evaluation(**init_args) -> dict:
-    args = {"resolutions": [16, 24], "num_samples": 4, "steps": 3, "batch_size": 4, "progress": False,
+    args = {"resolutions": [16, 24], "num_samples": 4, "sampling": {"steps": 3}, "batch_size": 4, "progress": False,
             **init_args}
     return {"class_path": EVALUATION, "init_args": args}
 
@@ -66,8 +67,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A 4-step fit with sample grids every 2 steps and an in-fit evaluation every epoch: (run dir, ckpt)."""
     tmp = tmp_path_factory.mktemp("fit")
     grid = {"class_path": "mrdiff.callbacks.sample_grid.SampleGrid",
-            "init_args": {"resolutions": [16, "16x24"], "num_samples": 4, "every_n_steps": 2, "steps": 2}}
-    during_fit = evaluation(resolutions=[16], num_samples=2, steps=2, fid=False, every_n_epochs=1)
+            "init_args": {"resolutions": [16, "16x24"], "num_samples": 4, "every_n_steps": 2, "sampling": {"steps": 2}}}
+    during_fit = evaluation(resolutions=[16], num_samples=2, sampling={"steps": 2}, fid=False, every_n_epochs=1)
     config = write_config(tmp / "fit.yaml", tmp / "run", grid, during_fit)
     main(["fit", "--config", str(config)])
     return tmp / "run", tmp / "run" / "checkpoints" / "last.ckpt"
@@ -107,7 +108,7 @@ def test_mrdiff_test_prints_and_writes_the_table(trained, tmp_path, monkeypatch,
                                                                     "eval_plot.png"}
     # the cell is the structure score of seeds 0..3 sampled from the checkpoint
     model, data = load_model(config, ckpt)
-    images = model.sample([0, 1, 2, 3], 24, 24, steps=3)
+    images = model.sample([0, 1, 2, 3], 24, 24, sampling=SamplingSettings(steps=3))
     radii = reference_radii(1000, data.hparams.seed)
     expected = structure_score(images, reference_radii=radii, resolution="24")
     cell = table["rows"][0]["cells"]["24"]
@@ -128,7 +129,7 @@ def test_a_noiseshift_table_adds_a_row(trained, tmp_path):
           "--num_images=2", "--coarse_stride=0.05", "--fine_window=0.01", "--fine_stride=0.005"])
     table_path = tmp_path / "run" / "noiseshift.json"
     config = write_config(tmp_path / "test.yaml", tmp_path / "run",
-                          evaluation(noiseshift=str(table_path), steps=3, fid=False))
+                          evaluation(noiseshift=str(table_path), fid=False))
     main(["test", "--config", str(config), f"--ckpt_path={ckpt}"])
     table = json.loads((tmp_path / "run" / "eval_table.json").read_text())
     assert [row["variant"] for row in table["rows"]] == ["mrdiff", "mrdiff + NoiseShift"]
@@ -143,9 +144,10 @@ def test_calibrate_and_sample_take_unset_options_from_the_configs_callbacks(trai
     from mrdiff.diffusion.samplers import dpm_solver_timesteps
 
     ckpt = copy_checkpoint(trained[1], tmp_path / "run")
-    search = {"resolutions": ["16x24"], "sampler": "dpmpp_2m", "steps": 3, "num_images": 2, "coarse_window": 0.04,
-              "coarse_stride": 0.02, "fine_window": 0.01, "fine_stride": 0.005, "k": 1.5}
-    grid = {"resolutions": [24], "num_samples": 1, "sampler": "dpmpp_2m", "steps": 2}
+    search = {"resolutions": ["16x24"], "sampling": {"sampler": "dpmpp_2m", "steps": 3},
+              "search": {"num_images": 2, "coarse_window": 0.04, "coarse_stride": 0.02, "fine_window": 0.01,
+                         "fine_stride": 0.005, "k": 1.5}}
+    grid = {"resolutions": [24], "num_samples": 1, "sampling": {"sampler": "dpmpp_2m", "steps": 2}}
     config = write_config(tmp_path / "fit.yaml", tmp_path / "run",
                           {"class_path": "mrdiff.callbacks.noiseshift.NoiseShiftCalibration", "init_args": search},
                           {"class_path": "mrdiff.callbacks.sample_grid.SampleGrid", "init_args": grid})
@@ -190,7 +192,7 @@ def test_fid_on_without_weights_fails_before_sampling(trained, tmp_path, monkeyp
 def run_test(world: int, tmp_path: Path, trained_ckpt: Path) -> tuple[dict, str]:
     """`mrdiff test` at 16² and 24² with mock features, in-process (1) or as a 2-process CPU DDP run (2)."""
     ckpt = copy_checkpoint(trained_ckpt, tmp_path / f"run{world}")
-    callback = evaluation(num_samples=6, batch_size=2, steps=2, cache_dir=str(tmp_path / f"cache{world}"),
+    callback = evaluation(num_samples=6, batch_size=2, sampling={"steps": 2}, cache_dir=str(tmp_path / f"cache{world}"),
                           feature_extractor={"class_path": "mock_features.ColourFeatures"})
     config = write_config(tmp_path / f"test{world}.yaml", tmp_path / f"run{world}", callback)
     args = ["test", "--config", str(config), f"--ckpt_path={ckpt}"]
@@ -233,7 +235,7 @@ def test_sample_grid_leaves_the_raw_training_weights_and_train_mode(tiny_config_
     from tests.helpers import WeightProbe
 
     grid = {"class_path": "mrdiff.callbacks.sample_grid.SampleGrid",
-            "init_args": {"resolutions": [16], "num_samples": 2, "steps": 2, "every_n_steps": 2}}
+            "init_args": {"resolutions": [16], "num_samples": 2, "sampling": {"steps": 2}, "every_n_steps": 2}}
     config = tiny_config_file(**{"trainer.max_steps": 4, "trainer.limit_val_batches": 0})
     cli = MrdiffCLI(args=["--config", str(config), f"--trainer.callbacks+={json.dumps(grid)}"], run=False)
     before, after = WeightProbe(), WeightProbe()
@@ -256,7 +258,8 @@ def test_in_fit_evaluation_leaves_the_raw_training_weights_and_train_mode(tiny_c
     and train mode back, exactly (probes on either side of it in the callback list)."""
     from tests.helpers import WeightProbe
 
-    callback = evaluation(resolutions=[16], num_samples=2, steps=2, batch_size=2, every_n_epochs=1, fid=False)
+    callback = evaluation(resolutions=[16], num_samples=2, sampling={"steps": 2}, batch_size=2, every_n_epochs=1,
+                          fid=False)
     config = tiny_config_file(**{"trainer.max_steps": 6, "trainer.limit_val_batches": 0})
     cli = MrdiffCLI(args=["--config", str(config), f"--trainer.callbacks+={json.dumps(callback)}"], run=False)
     before, after = WeightProbe(), WeightProbe()

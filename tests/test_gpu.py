@@ -13,6 +13,7 @@ import torch
 
 from mrdiff.callbacks.nonfinite import NonFiniteGuard
 from mrdiff.cli import main
+from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.coords import crop_grid
 from mrdiff.nn.unet import UNet
@@ -102,8 +103,8 @@ def test_sampling_and_calibration_on_cuda_match_the_cpu():
 
     cpu = DiffusionModule(small_unet(), num_timesteps=100).eval()
     gpu = DiffusionModule(small_unet(), num_timesteps=100).eval().to(CUDA)
-    a = cpu.sample([0, 1, 2], 32, 16, steps=5)
-    b = gpu.sample([0, 1, 2], 32, 16, steps=5).cpu()
+    a = cpu.sample([0, 1, 2], 32, 16, sampling=SamplingSettings(steps=5))
+    b = gpu.sample([0, 1, 2], 32, 16, sampling=SamplingSettings(steps=5)).cpu()
     # per-sample generators draw different streams on CPU and CUDA: compare with the CPU's noise on the GPU
     assert a.shape == b.shape == (3, 3, 32, 16) and torch.isfinite(b).all()
     x_T = torch.randn(3, 3, 32, 16, generator=torch.Generator().manual_seed(0))
@@ -135,7 +136,8 @@ def test_mrdiff_test_on_cuda_matches_the_cpu_table(tiny_config_file, tmp_path):
     main(["fit", "--config", str(config)])
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     evaluation = ('{"class_path": "mrdiff.callbacks.evaluation.ResolutionEvaluation", "init_args": '
-                  '{"resolutions": [16, 32], "num_samples": 8, "steps": 4, "batch_size": 8, "fid": false}}')
+                  '{"resolutions": [16, 32], "num_samples": 8, "sampling": {"steps": 4}, "batch_size": 8, '
+                  '"fid": false}}')
     tables = {}
     for accelerator in ("cpu", "gpu"):
         main(["test", "--config", str(config), f"--trainer.accelerator={accelerator}", f"--ckpt_path={ckpt}",

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from mrdiff.cli import MrdiffCLI, main
+from mrdiff.diffusion.samplers import SamplingSettings
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,4 +150,6 @@ def test_compiled_module_computes_the_eager_loss_and_gradients_and_keeps_checkpo
     for (name, p), q in zip(eager.net.named_parameters(), compiled.net.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
     # sampling at another resolution runs the eager forward: no recompilation, the same images
-    assert torch.allclose(eager.sample([0, 1], 24, steps=3), compiled.sample([0, 1], 24, steps=3), atol=1e-5)
+    ddim3 = SamplingSettings(steps=3)
+    assert torch.allclose(eager.sample([0, 1], 24, sampling=ddim3), compiled.sample([0, 1], 24, sampling=ddim3),
+                          atol=1e-5)

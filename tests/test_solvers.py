@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mrdiff.callbacks.noiseshift import sampler_timesteps
 from mrdiff.diffusion.samplers import (
     SAMPLERS,
+    SamplingSettings,
     ddim_sample,
     dpm_solver_pp_2m_sample,
     dpm_solver_timesteps,
@@ -71,7 +71,30 @@ def test_noiseshift_calibrates_the_timesteps_each_sampler_feeds_the_network(samp
 
     kwargs = {"steps": steps} if steps else {}
     SAMPLERS[sampler](eps, s, torch.ones(1, 1, 1, 1), **kwargs)
-    assert seen == [float(t) for t in sampler_timesteps(s, sampler, steps or 1)]
+    assert seen == [float(t) for t in SamplingSettings(sampler, steps or 1).timesteps(s)]
+
+
+def test_sampling_settings_pass_steps_and_eta_to_the_sampler_and_reject_bad_values():
+    s, calls = NoiseSchedule(num_timesteps=100), []
+
+    def zero(x, t):
+        calls.append(float(t[0]))
+        return torch.zeros_like(x)
+
+    x_T = torch.ones(64, 1, 4, 4)
+    deterministic = SamplingSettings("ddim", 7).run(zero, s, x_T, noise=torch.Generator().manual_seed(0))
+    assert len(calls) == 7 and deterministic.std() < 1e-6  # η = 0: no noise is added, every sample is the same
+    stochastic = SamplingSettings("ddim", 7, eta=1.0).run(zero, s, x_T, noise=torch.Generator().manual_seed(0))
+    assert len(calls) == 14 and stochastic.std() > 0.05  # η = 1 re-noises at every step
+    calls.clear()
+    SamplingSettings("ddpm", 7).run(zero, s, x_T[:1])
+    assert len(calls) == 100  # DDPM visits every timestep, whatever `steps` says
+    assert [str(SamplingSettings()), str(SamplingSettings("ddim", 25, 1.0)), str(SamplingSettings("dpmpp_2m", 10)),
+            str(SamplingSettings("ddpm"))] == ["ddim-50", "ddim-25 (η = 1)", "dpmpp_2m-10", "ddpm"]
+    for bad, match in [({"sampler": "euler"}, "unknown sampler 'euler'"), ({"steps": 0}, "at least 1"),
+                       ({"eta": 1.5}, r"eta must be in \[0, 1\]")]:
+        with pytest.raises(ValueError, match=match):
+            SamplingSettings(**bad)
 
 
 def test_dpmpp_2m_feeds_time_cond_and_keeps_nominal_coefficients():

@@ -7,6 +7,7 @@ so the numbers do not depend on the number of GPUs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -20,11 +21,10 @@ from tqdm import tqdm
 
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure, log_table
-from mrdiff.callbacks.noiseshift import sampler_timesteps
 from mrdiff.checkpoint import run_dir_of
 from mrdiff.conditioning import time_conditionings
 from mrdiff.console import info
-from mrdiff.diffusion.samplers import Sampler, TimeCond
+from mrdiff.diffusion.samplers import SamplingSettings, TimeCond
 from mrdiff.metrics.eval_table import EvalTable, Variant, finite, plot_eval_table
 from mrdiff.metrics.fid import (
     FID,
@@ -65,34 +65,51 @@ class ResolutionEvaluation(L.Callback):
 
     Writes eval_table.{md,csv,json} and eval_plot.png into the run directory, prints the Markdown table,
     logs the table and plot to W&B and scalars such as test/fid_64, test/fid_64_noiseshift.
+
+    Args:
+        resolutions: Sizes to evaluate, N or "HxW".
+        num_samples: Fakes per resolution and row.
+        num_reference: Real images for the FID statistics (default: num_samples).
+        sampling: Sampler, steps and η of the fakes (default: DDIM-50, η = 0).
+        seed: Fake i uses seed + i at every resolution and in every row.
+        noiseshift: A NoiseShift table (JSON) for a "+ NoiseShift" row; "auto": <run dir>/noiseshift.json
+            when it exists.
+        analytic_shift: Add a "+ analytic shift" row (SD3-style log-SNR shift).
+        fid: FID on or off; None: on when Inception weights are configured.
+        structure: The sun-structure score; None: on when data.source is synthetic.
+        inception_weights: The Inception weights file (default: $MRDIFF_INCEPTION_WEIGHTS).
+        feature_extractor: Features instead of Inception's: uint8 [N, 3, H, W] → [N, D].
+        cache_dir: Where real statistics are cached (default: $MRDIFF_FID_CACHE or ~/.cache/mrdiff/fid).
+        batch_size: Per device, for sampling and reference features.
+        every_n_epochs: Also evaluate during fit, with the EMA weights; 0: only in `mrdiff test`.
+        name: Row label of the plain model.
+        progress: One progress bar over the evaluation's network calls (rank 0).
     """
 
     def __init__(
         self,
-        resolutions: list[int | str] = [64],  # noqa: B006 - N or "HxW"
-        num_samples: int = 1000,  # fakes per resolution and row
-        num_reference: int | None = None,  # real images for the FID statistics; default num_samples
-        sampler: Sampler = "ddim",
-        steps: int = 50,  # DDIM / DPM-Solver++ steps
-        eta: float = 0.0,  # DDIM η
-        seed: int = 0,  # fake i uses seed + i at every resolution and in every row
-        noiseshift: str | None = None,  # table (JSON) for a "+ NoiseShift" row; "auto": <run dir>/noiseshift.json
-        analytic_shift: bool = False,  # adds a "+ analytic shift" row (SD3-style log-SNR shift)
-        fid: bool | None = None,  # None: FID when Inception weights are configured, otherwise skipped
-        structure: bool | None = None,  # sun-structure score; None: on for data.source == "synthetic"
-        inception_weights: str | None = None,  # default: $MRDIFF_INCEPTION_WEIGHTS
-        feature_extractor: nn.Module | None = None,  # instead of Inception: uint8 [N, 3, H, W] → [N, D]
-        cache_dir: str | None = None,  # real statistics; default $MRDIFF_FID_CACHE or ~/.cache/mrdiff/fid
-        batch_size: int = 64,  # per device, for sampling and reference features
-        every_n_epochs: int = 0,  # also evaluate during fit (EMA weights); 0: only in `mrdiff test`
-        name: str = "mrdiff",  # row label of the plain model
+        resolutions: list[int | str] = [64],  # noqa: B006
+        num_samples: int = 1000,
+        num_reference: int | None = None,
+        sampling: SamplingSettings | None = None,
+        seed: int = 0,
+        noiseshift: str | None = None,
+        analytic_shift: bool = False,
+        fid: bool | None = None,
+        structure: bool | None = None,
+        inception_weights: str | None = None,
+        feature_extractor: nn.Module | None = None,
+        cache_dir: str | None = None,
+        batch_size: int = 64,
+        every_n_epochs: int = 0,
+        name: str = "mrdiff",
         progress: bool = True,
     ) -> None:
         if num_samples < 2 or (num_reference is not None and num_reference < 2):
             raise ValueError("ResolutionEvaluation needs num_samples (and num_reference) >= 2")
         self.resolutions = [parse_resolution(r) for r in resolutions]
         self.num_samples, self.num_reference = num_samples, num_reference or num_samples
-        self.sampler, self.steps, self.eta, self.seed = sampler, steps, eta, seed
+        self.sampling, self.seed = sampling or SamplingSettings(), seed
         self.noiseshift, self.analytic_shift = noiseshift, analytic_shift
         self.fid, self.structure, self.inception_weights = fid, structure, inception_weights
         self.feature_extractor, self.cache_dir, self.batch_size = feature_extractor, cache_dir, batch_size
@@ -160,9 +177,9 @@ class ResolutionEvaluation(L.Callback):
         pl_module.eval()
         rank, world = rank_and_world()
         batches = math.ceil(len(range(rank, self.num_samples, world)) / self.batch_size)
-        calls = len(sampler_timesteps(pl_module.schedule, self.sampler, self.steps))
+        calls = len(self.sampling.timesteps(pl_module.schedule))
         bar = tqdm(total=len(table.variants) * len(self.resolutions) * batches * calls, unit="call", smoothing=0.1,
-                   desc=f"{stage} evaluation ({self.sampler}-{self.steps}, network calls)", dynamic_ncols=True,
+                   desc=f"{stage} evaluation ({self.sampling}, network calls)", dynamic_ncols=True,
                    disable=not self.progress or rank != 0)
         try:
             for height, width in self.resolutions:
@@ -221,8 +238,7 @@ class ResolutionEvaluation(L.Callback):
         for start in range(0, len(seeds), self.batch_size):
             with trainer.precision_plugin.forward_context():
                 images = pl_module.sample(seeds[start:start + self.batch_size], height, width,
-                                          sampler=self.sampler, steps=self.steps, eta=self.eta,
-                                          time_cond=time_cond, progress=bar)
+                                          sampling=self.sampling, time_cond=time_cond, progress=bar)
             images = to_uint8(images)
             if metric is not None:
                 metric.update_images(images, real=False)
@@ -267,8 +283,8 @@ class ResolutionEvaluation(L.Callback):
         data = trainer.datamodule.describe() if hasattr(trainer.datamodule, "describe") else None
         step = trainer.global_step if ckpt is None else checkpoint_step(ckpt)
         return {"stage": stage, "checkpoint": ckpt, "global_step": step, "name": self.name,
-                "num_samples": self.num_samples, "num_reference": self.num_reference, "sampler": self.sampler,
-                "steps": self.steps, "eta": self.eta, "seed": self.seed, "noiseshift": self.noiseshift,
+                "num_samples": self.num_samples, "num_reference": self.num_reference,
+                **dataclasses.asdict(self.sampling), "seed": self.seed, "noiseshift": self.noiseshift,
                 "world_size": rank_and_world()[1], "data": data,
                 "train_resolution": pl_module.hparams.get("train_resolution")}
 

@@ -16,22 +16,10 @@ from mrdiff.console import info
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate
 from mrdiff.diffusion.noiseshift_table import NoiseShiftTable, weights_hash
-from mrdiff.diffusion.samplers import SAMPLERS, Sampler, ddim_timesteps, dpm_solver_timesteps
+from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.module import DiffusionModule
 from mrdiff.resolution import parse_resolution, resolution_key
-
-
-def sampler_timesteps(schedule: NoiseSchedule, sampler: str, steps: int) -> list[int]:
-    """The timesteps at which a sampler calls the network: all T for DDPM, the DDIM subsequence, or
-    DPM-Solver++'s (which never evaluates t = 0)."""
-    if sampler == "ddpm":
-        return list(range(schedule.num_timesteps - 1, -1, -1))
-    if sampler == "dpmpp_2m":
-        return dpm_solver_timesteps(schedule, steps)
-    if sampler == "ddim":
-        return ddim_timesteps(schedule.num_timesteps, steps)
-    raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
 
 
 @torch.no_grad()
@@ -145,35 +133,32 @@ class NoiseShiftCalibration(L.Callback):
     Writes <run dir>/noiseshift.json and noiseshift.png, and logs the plot to the logger. The table names
     the weights it was calibrated for: at the end of fit those of the final last.ckpt (RunCheckpoint saves
     it in on_train_end, which runs before on_fit_end), so `--noiseshift` accepts it with that checkpoint only.
+    `mrdiff calibrate --config <run>/config.yaml` takes its unset options from here.
+
+    Args:
+        resolutions: Sizes to calibrate, N or "HxW".
+        sampling: Calibrate the timesteps these settings visit (default: DDIM-50).
+        search: The coarse-to-fine search (default: the paper's, 64 images, ±0.1 by 0.01 then ±0.01 by 0.001).
+        every_n_epochs: Also calibrate every N epochs; 0: only at the end of fit.
+        filename: The table's file name, in the run directory.
     """
 
     def __init__(
         self,
         resolutions: list[int | str] = [64],  # noqa: B006
-        sampler: Sampler = "ddim",  # calibrate the timesteps this sampler visits
-        steps: int = 50,
-        every_n_epochs: int = 0,  # 0: only at the end of fit
-        num_images: int = 64,
-        coarse_window: float = 0.1,
-        coarse_stride: float = 0.01,
-        fine_window: float = 0.01,
-        fine_stride: float = 0.001,
-        max_batch: int = 256,
-        k: float = 3.0,  # move t̂ only when the best candidate beats t by more than k standard errors
-        seed: int = 0,  # seed of the calibration's ε draws
+        sampling: SamplingSettings | None = None,
+        search: SearchSettings | None = None,
+        every_n_epochs: int = 0,
         filename: str = "noiseshift.json",
     ) -> None:
-
         self.resolutions = [parse_resolution(r) for r in resolutions]
-        self.sampler, self.steps, self.every_n_epochs, self.filename = sampler, steps, every_n_epochs, filename
-        self.settings = SearchSettings(coarse_window=coarse_window, coarse_stride=coarse_stride,
-                                       fine_window=fine_window, fine_stride=fine_stride,
-                                       num_images=num_images, max_batch=max_batch, k=k, seed=seed)
+        self.sampling, self.settings = sampling or SamplingSettings(), search or SearchSettings()
+        self.every_n_epochs, self.filename = every_n_epochs, filename
 
     def run(self, trainer: L.Trainer, pl_module: DiffusionModule) -> NoiseShiftTable | None:
         if not trainer.is_global_zero:
             return None
-        timesteps = sampler_timesteps(pl_module.schedule, self.sampler, self.steps)
+        timesteps = self.sampling.timesteps(pl_module.schedule)
         with ema_weights(trainer, pl_module), trainer.precision_plugin.forward_context():
             table = calibrate_model(pl_module, trainer.datamodule, self.resolutions, timesteps, self.settings)
         run_dir = Path(trainer.default_root_dir)

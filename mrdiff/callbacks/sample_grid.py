@@ -11,7 +11,7 @@ from torchvision.utils import save_image
 
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure
-from mrdiff.diffusion.samplers import Sampler
+from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.module import DiffusionModule
 from mrdiff.resolution import parse_resolution, resolution_key
 from mrdiff.utils import atomic_write
@@ -21,24 +21,32 @@ class SampleGrid(L.Callback):
     """Every N optimizer steps and at the end of fit, one PNG grid per resolution (rank 0 only).
 
     Files: <default_root_dir>/<dirname>/step_{step}_{res}.png; W&B key samples/{res}. The seeds are
-    the same at every step, so successive grids show how the same samples evolve.
+    the same at every step, so successive grids show how the same samples evolve. `mrdiff sample
+    --config <run>/config.yaml` takes its unset options from here.
+
+    Args:
+        resolutions: Sizes to sample at, N or "HxW".
+        num_samples: Samples per grid.
+        every_n_steps: A grid after every N-th optimizer step; 0: only at the end of fit.
+        sampling: Sampler, steps and η (default: DDIM-50, η = 0).
+        seed: Sample i uses seed + i, at every step and resolution.
+        nrow: Images per grid row (default ⌈√num_samples⌉).
+        dirname: Folder of the grids, inside the run directory.
     """
 
     def __init__(
         self,
-        resolutions: list[int | str] = [64],  # noqa: B006 - N or "HxW"
+        resolutions: list[int | str] = [64],  # noqa: B006
         num_samples: int = 16,
-        every_n_steps: int = 1000,  # 0: only at the end of fit
-        sampler: Sampler = "ddim",
-        steps: int = 50,  # DDIM / DPM-Solver++ steps
-        eta: float = 0.0,
-        seed: int = 0,  # sample i uses seed + i
-        nrow: int | None = None,  # images per grid row; default ⌈√num_samples⌉
+        every_n_steps: int = 1000,
+        sampling: SamplingSettings | None = None,
+        seed: int = 0,
+        nrow: int | None = None,
         dirname: str = "samples",
     ) -> None:
         self.resolutions = [parse_resolution(r) for r in resolutions]
         self.num_samples, self.every_n_steps, self.seed = num_samples, every_n_steps, seed
-        self.sampler, self.steps, self.eta = sampler, steps, eta
+        self.sampling = sampling or SamplingSettings()
         self.nrow = nrow or math.ceil(math.sqrt(num_samples))
         self.dirname = dirname
         self._last_step: int | None = None
@@ -82,8 +90,7 @@ class SampleGrid(L.Callback):
         """Sample the fixed seeds at one resolution, save the grid and log it."""
         seeds = list(range(self.seed, self.seed + self.num_samples))
         with trainer.precision_plugin.forward_context():
-            images = pl_module.sample(seeds, height, width, sampler=self.sampler, steps=self.steps,
-                                      eta=self.eta)
+            images = pl_module.sample(seeds, height, width, sampling=self.sampling)
         key = resolution_key(height, width)
         path = out / f"step_{step}_{key}.png"
         with atomic_write(path) as f:

@@ -38,18 +38,29 @@ _ROUND = 6  # candidates are rounded to 1e-6 timesteps so that near-identical va
 
 
 # -- search ----------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class SearchSettings:
-    """Coarse-to-fine search in σ_rf units (defaults as in NoiseShift: ±0.1 by 0.01, then ±0.01 by 0.001)."""
+    """Coarse-to-fine search in σ_rf units (defaults as in NoiseShift: ±0.1 by 0.01, then ±0.01 by 0.001).
 
-    coarse_window: float = 0.1  # half-width of the coarse σ_rf window around σ_rf(t)
+    Args:
+        coarse_window: Half-width of the coarse search around σ_rf(t), in σ_rf units.
+        coarse_stride: Step of the coarse search.
+        fine_window: Half-width of the fine search around the coarse choice.
+        fine_stride: Step of the fine search.
+        num_images: Held-out images per resolution, at least 2 (the README says how many a shift needs).
+        max_batch: Candidates × images per forward pass.
+        seed: Seed of the ε draws, common to all candidates (a second seed checks a table's bands).
+        k: Move t̂ only when the best candidate beats t by more than k standard errors; 0: plain argmin.
+    """
+
+    coarse_window: float = 0.1
     coarse_stride: float = 0.01
-    fine_window: float = 0.01  # half-width of the fine σ_rf window around the coarse choice
+    fine_window: float = 0.01
     fine_stride: float = 0.001
-    num_images: int = 64  # x_0 images used (the first num_images of those given; at least 2)
-    max_batch: int = 256  # candidates × images per forward pass
-    seed: int = 0  # seed of the ε generator (common random numbers across candidates)
-    k: float = 3.0  # decision threshold in standard errors (normal-equivalent); 0: plain argmin
+    num_images: int = 64
+    max_batch: int = 256
+    seed: int = 0
+    k: float = 3.0
 
     def __post_init__(self) -> None:
         """Reject settings that cannot define a search grid or a decision."""

@@ -9,7 +9,8 @@ analytic resolution shift); every update coefficient stays at the nominal t.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -216,4 +217,52 @@ Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp_2m": dpm_solver_pp_2m_sample,
 }
-STEPPED = {"ddim", "dpmpp_2m"}  # samplers that take `steps` (DDPM visits all T)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How samples are drawn: the one settings object of `mrdiff sample`, `mrdiff calibrate` (which
+    calibrates the timesteps these settings visit), SampleGrid, ResolutionEvaluation and NoiseShiftCalibration.
+
+    Args:
+        sampler: ddim, dpmpp_2m (DPM-Solver++(2M)) or ddpm (ancestral, all T steps).
+        steps: Network calls of DDIM or DPM-Solver++; DDPM ignores it.
+        eta: DDIM's η: 0 is deterministic, 1 re-noises as much as DDPM. Young models sample cleaner with 1
+            (README, "Which sampler"); the other samplers ignore it.
+    """
+
+    sampler: Sampler = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in get_args(Sampler):
+            raise ValueError(f"unknown sampler {self.sampler!r}: use one of {', '.join(get_args(Sampler))}")
+        if self.steps < 1:
+            raise ValueError(f"sampling steps must be at least 1, got {self.steps}")
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"DDIM's eta must be in [0, 1], got {self.eta}")
+
+    def timesteps(self, schedule: NoiseSchedule) -> list[int]:
+        """The timesteps at which the sampler calls the network, in order: all T for DDPM, the DDIM
+        subsequence, or DPM-Solver++'s (which never evaluates t = 0)."""
+        if self.sampler == "ddpm":
+            return list(range(schedule.num_timesteps - 1, -1, -1))
+        if self.sampler == "dpmpp_2m":
+            return dpm_solver_timesteps(schedule, self.steps)
+        return ddim_timesteps(schedule.num_timesteps, self.steps)
+
+    def run(self, eps: EpsFn, schedule: NoiseSchedule, x_T: Tensor, **kwargs: object) -> Tensor:
+        """The sampler over `eps` from x_T; kwargs are the samplers' shared ones (noise, time_cond, ...)."""
+        if self.sampler == "ddim":
+            return ddim_sample(eps, schedule, x_T, steps=self.steps, eta=self.eta, **kwargs)
+        if self.sampler == "dpmpp_2m":
+            return dpm_solver_pp_2m_sample(eps, schedule, x_T, steps=self.steps, **kwargs)
+        return ddpm_sample(eps, schedule, x_T, **kwargs)
+
+    def __str__(self) -> str:
+        """'ddim-50', 'ddim-25 (η = 1)', 'dpmpp_2m-10' or 'ddpm'."""
+        if self.sampler == "ddpm":
+            return "ddpm"
+        eta = f" (η = {self.eta:g})" if self.sampler == "ddim" and self.eta else ""
+        return f"{self.sampler}-{self.steps}{eta}"
