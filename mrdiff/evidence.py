@@ -143,9 +143,9 @@ def noiseshift_cond(model: DiffusionModule, height: int, width: int, settings: S
 
 
 def cell_metrics(images: torch.Tensor, reference: torch.Tensor, radii: list[float], key: str,
-                 extractor: torch.nn.Module | None = None) -> dict[str, float]:
+                 inception: InceptionScores | None = None) -> dict[str, float]:
     """Structure (one-sun rate with a Wilson interval, mean suns with a bootstrap interval), detail, and FID
-    and KID against the reference renders when an Inception extractor is given."""
+    and KID against the reference renders when Inception scores are given."""
     score = structure_score(images, reference_radii=radii, resolution=key)
     counts = sun_counts(images).astype(float)
     ones = int((counts == 1).sum())
@@ -154,25 +154,33 @@ def cell_metrics(images: torch.Tensor, reference: torch.Tensor, radii: list[floa
     return {"one_sun_rate": ones / len(counts), "one_sun_rate_lo": lo, "one_sun_rate_hi": hi,
             "mean_num_suns": float(counts.mean()), "mean_num_suns_lo": n_lo, "mean_num_suns_hi": n_hi,
             "radius_error": score.radius_error, **detail_report(images, reference),
-            **(inception_metrics(images, reference, extractor) if extractor is not None else {})}
+            **(inception(images) if inception is not None else {})}
 
 
-@torch.no_grad()
-def inception_metrics(images: torch.Tensor, reference: torch.Tensor, extractor: torch.nn.Module) -> dict[str, float]:
-    """torchmetrics' FID and KID of the images against the reference renders on one feature extractor; KID
-    as the mean over subsets with a ±1.96·s.d.-of-subsets band (torchmetrics' estimate of its spread)."""
-    fid = FID(extractor)
-    subset = min(len(images), len(reference), 100)
-    kid = KernelInceptionDistance(feature=extractor, subset_size=subset, subsets=50, normalize=False)
-    for batch in reference.split(200):
-        fid.update_images(batch, real=True)
-        kid.update(to_uint8(batch), real=True)
-    for batch in images.split(200):
-        fid.update_images(batch, real=False)
-        kid.update(to_uint8(batch), real=False)
-    kid_mean, kid_std = (float(v) for v in kid.compute())
-    return {"fid": float(fid.compute()), "kid": kid_mean, "kid_lo": kid_mean - 1.96 * kid_std,
-            "kid_hi": kid_mean + 1.96 * kid_std}
+class InceptionScores:
+    """torchmetrics' FID and KID against one resolution's reference renders on one feature extractor. The
+    reference features are extracted once and kept across the rows scored against them; KID is the mean over
+    subsets with a ±1.96·s.d.-of-subsets band (torchmetrics' estimate of its spread)."""
+
+    @torch.no_grad()
+    def __init__(self, reference: torch.Tensor, extractor: torch.nn.Module, num_fakes: int) -> None:
+        self.fid = FID(extractor)
+        self.kid = KernelInceptionDistance(feature=extractor, subset_size=min(num_fakes, len(reference), 100),
+                                           subsets=50, normalize=False, reset_real_features=False)
+        for batch in reference.split(200):
+            self.fid.update_images(batch, real=True)
+            self.kid.update(to_uint8(batch), real=True)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, float]:
+        self.fid.reset()  # the fakes only: both metrics keep their real features
+        self.kid.reset()
+        for batch in images.split(200):
+            self.fid.update_images(batch, real=False)
+            self.kid.update(to_uint8(batch), real=False)
+        kid_mean, kid_std = (float(v) for v in self.kid.compute())
+        return {"fid": float(self.fid.compute()), "kid": kid_mean, "kid_lo": kid_mean - 1.96 * kid_std,
+                "kid_hi": kid_mean + 1.96 * kid_std}
 
 
 def eps_mse_by_bucket(model: DiffusionModule, reference: torch.Tensor, seed: int = 0) -> dict[str, dict[str, float]]:
@@ -226,6 +234,8 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
     """Every (row, resolution) cell; rows are (model, variant), 'fixed + upsample' and 'ground truth'."""
     radii = reference_radii(1000)
     refs = {hw: references(*hw, settings.num_reference) for hw in settings.resolutions}
+    inception = {hw: InceptionScores(refs[hw], settings.extractor, settings.num_samples) if settings.extractor
+                 else None for hw in settings.resolutions}
     cells: dict[str, dict[str, dict]] = {}
     figure: dict[str, dict[str, torch.Tensor]] = {}
     diagnostics: dict[str, dict] = {}
@@ -233,7 +243,7 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
     for hw in settings.resolutions:
         key = resolution_key(*hw)
         gt = references(*hw, settings.num_samples, first=settings.num_reference)  # disjoint from the reference
-        cells.setdefault("ground truth", {})[key] = cell_metrics(gt, refs[hw], radii, key, settings.extractor)
+        cells.setdefault("ground truth", {})[key] = cell_metrics(gt, refs[hw], radii, key, inception[hw])
         figure.setdefault("ground truth", {})[key] = gt[: settings.figure_samples]
     for name, path in models.items():
         model, payload = load_model(path, device)
@@ -258,7 +268,7 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
                     cond, tables.setdefault(name, {})[key] = noiseshift_cond(model, *hw, settings)
                 samples = generate(model, *hw, settings, cond)
                 row = name if variant == "plain" else f"{name} + {variant}"
-                cells.setdefault(row, {})[key] = cell_metrics(samples, refs[hw], radii, key, settings.extractor)
+                cells.setdefault(row, {})[key] = cell_metrics(samples, refs[hw], radii, key, inception[hw])
                 cells[row][key]["seconds"] = time.time() - start
                 figure.setdefault(row, {})[key] = samples[: settings.figure_samples]
                 print(f"mrdiff evidence: {row} at {key}: one-sun {cells[row][key]['one_sun_rate']:.3f}, "
@@ -270,7 +280,7 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
                     key = resolution_key(*hw)
                     up = upsample(base, *hw)
                     cells.setdefault("fixed + upsample", {})[key] = cell_metrics(up, refs[hw], radii, key,
-                                                                                   settings.extractor)
+                                                                                   inception[hw])
                     figure.setdefault("fixed + upsample", {})[key] = up[: settings.figure_samples]
         del model
         if device.type == "cuda":

@@ -204,12 +204,17 @@ def test_a_corrupt_cache_file_is_recomputed(tmp_path, capsys):
 
 def test_evidence_fid_and_kid_match_reference_formulas_on_the_features():
     """FID against scipy's Fréchet distance, KID against the unbiased MMD² with the cubic kernel, both
-    computed here directly from the extractor's features (subset = the whole set, so KID is exact)."""
-    from mrdiff.evidence import inception_metrics
+    computed here directly from the extractor's features (subset = the whole set, so KID is exact). The
+    reference features are extracted once for all the rows scored against them."""
+    from mrdiff.evidence import InceptionScores
 
-    extractor = ProjectedPixels()
+    extractor, seen = ProjectedPixels(), []
+    extractor.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
     fake, real = images(60, seed=1, shift=0.15), images(60, seed=2)
-    got = inception_metrics(fake, real, extractor)
+    scores = InceptionScores(real, extractor, num_fakes=60)
+    extracted = sum(seen)
+    got = scores(fake)
+    assert extracted == 2 * 60 and sum(seen) - extracted == 2 * 60  # reals through FID and KID once; the fakes
     f_fake = extractor(to_uint8(fake)).double().numpy()
     f_real = extractor(to_uint8(real)).double().numpy()
     assert got["fid"] == pytest.approx(frechet_distance(*gaussian(f_real), *gaussian(f_fake)), rel=1e-4)
@@ -223,5 +228,7 @@ def test_evidence_fid_and_kid_match_reference_formulas_on_the_features():
     assert got["kid"] == pytest.approx(mmd, rel=1e-4, abs=1e-7)
     assert got["kid_lo"] == pytest.approx(got["kid"], rel=1e-4)  # every subset is the whole set: no spread
     assert got["fid"] > 0.05 and mmd > 0  # the shift is seen
-    same = inception_metrics(real, real, extractor)
+    before = sum(seen)
+    same = scores(real)  # a second row: its own fakes, the same reals
     assert abs(same["fid"]) < 1e-6 and same["kid"] < 0  # unbiased MMD² of a set with itself is below 0
+    assert sum(seen) - before == 2 * 60  # only the row's own images: the reference is not extracted again
