@@ -1,6 +1,8 @@
 """Training curves of evidence fits from their CSV logs: validation loss and the in-fit structure score.
 
-    python scripts/evidence_curves.py results/evidence/cpu_fits   # reads <name>.metrics.csv, writes curves.md/.png
+    python scripts/evidence_curves.py results/evidence/cpu_fits   # reads <name>.metrics*.csv, writes curves.md/.png
+
+A resumed fit logs into a new CSV version: <name>.metrics.csv, <name>.metrics-2.csv, ... are read as one log.
 
 The in-fit evaluation (ResolutionEvaluation, EMA weights) samples 200 seeds per size with the sampler its
 config names; the validation loss is L_simple on held-out data (each model's own training distribution:
@@ -27,8 +29,43 @@ def read(path: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def logs_in(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """name → its merged log, from every <name>.metrics*.csv (one per fit session)."""
+    logs: dict[str, dict[str, dict[int, float]]] = {}
+    for path in sorted(folder.glob("*.metrics*.csv")):
+        merged = logs.setdefault(path.name.split(".metrics")[0], {})
+        for metric, values in read(path).items():
+            merged.setdefault(metric, {}).update(values)
+    return logs
+
+
+def plot(logs: dict[str, dict[str, dict[int, float]]], path: Path) -> None:
+    """Validation loss and the in-fit one-sun rates against steps, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, log in logs.items():
+        sizes = sorted({int(k.rsplit("_", 1)[1]) for k in log if k.startswith("val/one_sun_rate_")})
+        loss = log.get("val/loss", {})
+        axes[0].plot(sorted(loss), [loss[s] for s in sorted(loss)], label=name)
+        for ax, size in zip(axes[1:], (sizes[0], sizes[-1]) if sizes else ()):
+            rate = log[f"val/one_sun_rate_{size}"]
+            ax.plot(sorted(rate), [rate[s] for s in sorted(rate)], marker="o", label=name)
+            ax.set(title=f"one-sun rate at {size}² (in-fit)", xlabel="step", ylim=(0, 1))
+    axes[0].set(title="validation loss (own distribution)", xlabel="step", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(folder: Path) -> None:
-    logs = {p.name.removesuffix(".metrics.csv"): read(p) for p in sorted(folder.glob("*.metrics.csv"))}
+    logs = logs_in(folder)
     lines = [f"Written by `python scripts/evidence_curves.py {folder}` from the fits' CSV logs.", ""]
     for name in logs:
         config = folder / f"{name}.config.yaml"
@@ -36,8 +73,9 @@ def main(folder: Path) -> None:
         for cb in callbacks:
             if cb["class_path"].endswith("ResolutionEvaluation"):
                 a = cb["init_args"]
+                sampling = {"sampler": "ddim", "steps": 50, "eta": 0, **(a.get("sampling") or a)}  # older: flat
                 lines.append(f"- {name}: in-fit evaluation of the EMA weights, {a['num_samples']} samples per size, "
-                             f"{a['sampler']}-{a['steps']} (η = {a.get('eta', 0):g}).")
+                             f"{sampling['sampler']}-{sampling['steps']} (η = {sampling['eta'] or 0:g}).")
     lines += ["",
              "| model | step | val loss | one-sun rate at R (in-fit) | one-sun rate at 2R (in-fit) "
              "| radius error at R |",
@@ -54,6 +92,7 @@ def main(folder: Path) -> None:
                          f"{log[f'val/one_sun_rate_{r2}'][step]:.3f} | {log[f'val/radius_error_{r}'][step]:.3f} |"
                          if near is not None else f"| {name} | {step} | – | – | – | – |")
     (folder / "curves.md").write_text("\n".join(lines) + "\n")
+    plot(logs, folder / "curves.png")
     print("\n".join(lines))
 
 
