@@ -187,10 +187,11 @@ class MrdiffTrainer(Trainer):
         from mrdiff.callbacks.noiseshift import NoiseShiftCalibration, calibrate_model, plot_table
 
         callback = self.configured(NoiseShiftCalibration)
-        settings = overridden(callback.settings if callback else SearchSettings(), coarse_window=coarse_window,
+        settings = overridden(callback.search if callback else SearchSettings(), coarse_window=coarse_window,
                               coarse_stride=coarse_stride, fine_window=fine_window, fine_stride=fine_stride,
                               num_images=num_images, max_batch=max_batch, k=k, seed=seed)
-        sampling = overridden(callback.sampling if callback else SamplingSettings(), sampler=sampler, steps=steps)
+        sampling = overridden(callback.sampling if callback else SamplingSettings(), sampler=sampler, steps=steps,
+                              eta=0.0)  # η does not change which timesteps a sampler visits
         resolutions = resolutions or (callback.resolutions if callback else [64])
         sizes = checked_resolutions(model.net, resolutions)
         model = self._load_for_inference(model, ckpt_path, "calibrate")
@@ -292,18 +293,22 @@ class MrdiffArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
-MOVED = {**dict.fromkeys(("sampler", "steps", "eta"), "sampling"),  # SamplingSettings
-         **dict.fromkeys(("num_images", "coarse_window", "coarse_stride", "fine_window", "fine_stride", "max_batch",
-                          "k", "seed"), "search")}  # SearchSettings
+SAMPLING_FIELDS = [field.name for field in dataclasses.fields(SamplingSettings)]
+MOVED = {  # callback → {option it took directly before the settings groups: the group that holds it now}
+    "SampleGrid": dict.fromkeys(SAMPLING_FIELDS, "sampling"),
+    "ResolutionEvaluation": dict.fromkeys(SAMPLING_FIELDS, "sampling"),
+    "NoiseShiftCalibration": {**dict.fromkeys(SAMPLING_FIELDS, "sampling"),
+                              **dict.fromkeys((field.name for field in dataclasses.fields(SearchSettings)), "search")},
+}
 
 
 def moved_option_line(message: str) -> str | None:
     """The error for a callback option that moved into a settings group (configs written before it did)."""
-    found = re.search(r"class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
-    if not found or found.group(2) not in MOVED:
+    found = re.search(r"class_path '(?:[\w.]*\.)?(\w+)':\s*Option '(\w+)' is not accepted", message)
+    callback, option = found.groups() if found else (None, None)
+    group = MOVED.get(callback, {}).get(option)
+    if group is None:
         return None
-    callback, option = found.group(1).rsplit(".", 1)[-1], found.group(2)
-    group = MOVED[option]
     return (f"mrdiff: error: {callback} takes {option} inside `{group}:` now (a config from an older mrdiff): "
             f"write `{group}: {{{option}: ...}}` under its init_args, as configs/quickstart.yaml does")
 

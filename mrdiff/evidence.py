@@ -100,7 +100,7 @@ def load_model(path: Path, device: torch.device) -> tuple[DiffusionModule, dict]
 class Settings:
     resolutions: list[tuple[int, int]]
     num_samples: int = 400
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # η = 1 is robust to a young model's ε
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # the CPU report uses DDIM-25, η = 1
     batch_size: int = 400
     calibration_images: int = 32
     num_reference: int = 1000  # ground-truth renders per resolution (spectra, colours)

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import csv
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
+
+from mrdiff.diffusion.samplers import SamplingSettings
 
 
 def read(path: Path) -> dict[str, dict[int, float]]:
@@ -73,7 +76,7 @@ def main(folder: Path) -> None:
         for cb in callbacks:
             if cb["class_path"].endswith("ResolutionEvaluation"):
                 a = cb["init_args"]
-                sampling = {"sampler": "ddim", "steps": 50, "eta": 0, **(a.get("sampling") or a)}  # older: flat
+                sampling = {**asdict(SamplingSettings()), **(a.get("sampling") or a)}  # older configs: flat
                 lines.append(f"- {name}: in-fit evaluation of the EMA weights, {a['num_samples']} samples per size, "
                              f"{sampling['sampler']}-{sampling['steps']} (η = {sampling['eta'] or 0:g}).")
     lines += ["",

@@ -95,6 +95,13 @@ def test_a_callback_option_from_before_the_settings_groups_gets_one_line_naming_
     assert exited.value.code == 2 and err == [
         "mrdiff: error: SampleGrid takes steps inside `sampling:` now (a config from an older mrdiff): write "
         "`sampling: {steps: ...}` under its init_args, as configs/quickstart.yaml does"]
+    # an option no version took (SampleGrid never searched) keeps jsonargparse's own message
+    config["trainer"]["callbacks"][-1]["init_args"] = {"resolutions": [16], "num_images": 2}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "old.yaml")])
+    err = capsys.readouterr().err
+    assert "Option 'num_images' is not accepted" in err and "inside `search:`" not in err
 
 
 def test_sample_without_checkpoint_says_what_is_missing(tiny_config_file):

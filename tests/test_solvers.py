@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from mrdiff.diffusion.samplers import (
-    SAMPLERS,
     SamplingSettings,
     ddim_sample,
     dpm_solver_pp_2m_sample,
@@ -69,9 +68,9 @@ def test_noiseshift_calibrates_the_timesteps_each_sampler_feeds_the_network(samp
         seen.append(float(t[0]))
         return torch.zeros_like(x)
 
-    kwargs = {"steps": steps} if steps else {}
-    SAMPLERS[sampler](eps, s, torch.ones(1, 1, 1, 1), **kwargs)
-    assert seen == [float(t) for t in SamplingSettings(sampler, steps or 1).timesteps(s)]
+    settings = SamplingSettings(sampler, steps or 1)
+    settings.run(eps, s, torch.ones(1, 1, 1, 1))
+    assert seen == [float(t) for t in settings.timesteps(s)]
 
 
 def test_sampling_settings_pass_steps_and_eta_to_the_sampler_and_reject_bad_values():

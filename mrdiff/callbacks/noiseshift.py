@@ -152,7 +152,7 @@ class NoiseShiftCalibration(L.Callback):
         filename: str = "noiseshift.json",
     ) -> None:
         self.resolutions = [parse_resolution(r) for r in resolutions]
-        self.sampling, self.settings = sampling or SamplingSettings(), search or SearchSettings()
+        self.sampling, self.search = sampling or SamplingSettings(), search or SearchSettings()
         self.every_n_epochs, self.filename = every_n_epochs, filename
 
     def run(self, trainer: L.Trainer, pl_module: DiffusionModule) -> NoiseShiftTable | None:
@@ -160,7 +160,7 @@ class NoiseShiftCalibration(L.Callback):
             return None
         timesteps = self.sampling.timesteps(pl_module.schedule)
         with ema_weights(trainer, pl_module), trainer.precision_plugin.forward_context():
-            table = calibrate_model(pl_module, trainer.datamodule, self.resolutions, timesteps, self.settings)
+            table = calibrate_model(pl_module, trainer.datamodule, self.resolutions, timesteps, self.search)
         run_dir = Path(trainer.default_root_dir)
         table.save(run_dir / self.filename)
         plot = plot_table(table, run_dir / Path(self.filename).with_suffix(".png").name)

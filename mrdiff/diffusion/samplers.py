@@ -214,9 +214,6 @@ def dpm_solver_pp_2m_sample(
 
 
 Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp_2m": dpm_solver_pp_2m_sample,
-}
 
 
 @dataclass(frozen=True)

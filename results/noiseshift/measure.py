@@ -28,9 +28,10 @@ import numpy as np
 import scipy.stats
 import torch
 
-from mrdiff.callbacks.noiseshift import resolution_warning, sampler_timesteps, summary, unresolved
+from mrdiff.callbacks.noiseshift import resolution_warning, summary, unresolved
 from mrdiff.data.synthetic import render_canvas, sample_scene
 from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate
+from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.diffusion.time_cond import InterpolatedTimeCond
 from mrdiff.evidence import HELD_OUT_SEED, load_model
 from mrdiff.metrics.detail import bootstrap_interval, radial_power_spectrum, spectrum_distance, wilson_interval
@@ -115,7 +116,7 @@ def sampled(model, size: int, tables: dict[str, Calibration | None], num: int, s
     for name, cal in tables.items():
         cond = None if cal is None else InterpolatedTimeCond(np.array(cal.t), np.array(cal.t_hat), 1000)
         start = time.perf_counter()
-        images = model.sample(seeds, size, size, steps=steps, time_cond=cond).float()
+        images = model.sample(seeds, size, size, sampling=SamplingSettings(steps=steps), time_cond=cond).float()
         one = (sun_counts(images) == 1).astype(float)
         spectra = radial_power_spectrum(images)
         per_seed[name] = (one, spectra)
@@ -201,7 +202,7 @@ def main() -> None:
     torch.set_num_threads(1)
     start, out = time.time(), Path(args.out)
     model, _ = load_model(Path(args.model), torch.device("cpu"))
-    steps = sampler_timesteps(model.schedule, "ddim", args.steps)
+    steps = SamplingSettings("ddim", args.steps).timesteps(model.schedule)
     with torch.no_grad():
         cals = calibrations(model, args.size, steps)
     tables = {}
