@@ -7,7 +7,6 @@ import os
 from collections.abc import Sequence
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -80,8 +79,10 @@ class DiffusionModule(L.LightningModule):
             load_weights(self, init_weights)
         self.schedule = NoiseSchedule(kind=schedule, num_timesteps=num_timesteps,
                                       beta_start=beta_start, beta_end=beta_end)
-        if isinstance(net, DiffusersUNet):
-            check_pretrained(net, self.schedule, train_resolution)
+        if isinstance(net, DiffusersUNet):  # a pretrained network fixes the β schedule and the training size
+            self.schedule.require_same(NoiseSchedule(**net.trained_schedule),
+                                       f"the diffusers model's scheduler config {net.scheduler_config_path}")
+            net.check_training_size(train_resolution)
         if channels_last:
             self.net.to_channels_last()
         if compile:  # in place: parameter names (and so checkpoints) stay those of the plain U-Net
@@ -232,24 +233,3 @@ class DiffusionModule(L.LightningModule):
     def net_in_channels(self) -> int:
         return self.net.in_channels
 
-
-def describe_schedule(schedule: NoiseSchedule) -> str:
-    """The settings that define a schedule, as the command line spells them."""
-    text = f"--model.schedule={schedule.kind} --model.num_timesteps={schedule.num_timesteps}"
-    return text + (f" --model.beta_start={schedule.beta_start:g} --model.beta_end={schedule.beta_end:g}"
-                   if schedule.kind == "linear" else "")
-
-
-def check_pretrained(net: DiffusersUNet, schedule: NoiseSchedule, train_resolution: int) -> None:
-    """A pretrained network fixes the β schedule and the training size: settings that disagree are errors."""
-    trained = NoiseSchedule(**net.trained_schedule)
-    same = trained.num_timesteps == schedule.num_timesteps and np.allclose(trained.betas, schedule.betas, rtol=1e-9)
-    if not same:
-        raise ValueError(f"the diffusers model's scheduler config {net.scheduler_config_path} has the schedule "
-                         f"{describe_schedule(trained)} but mrdiff's model settings say {describe_schedule(schedule)}: "
-                         f"set the model's schedule settings to the scheduler config's")
-    if net.sample_size is not None and net.sample_size != train_resolution:
-        raise ValueError(f"the diffusers UNet was trained at {net.sample_size}x{net.sample_size} (sample_size in "
-                         f"its config.json) but model.train_resolution, linked from the data settings, is "
-                         f"{train_resolution}: set --data.multires=false --data.train_size={net.sample_size} "
-                         f"(the analytic shift and the size warnings use it)")

@@ -77,6 +77,18 @@ class NoiseSchedule:
             "fingerprint": hashlib.sha256(self.betas.tobytes()).hexdigest()[:16],
         }
 
+    def as_options(self) -> str:
+        """The settings that define this schedule, as mrdiff's command line spells them."""
+        text = f"--model.schedule={self.kind} --model.num_timesteps={self.num_timesteps}"
+        return text + (f" --model.beta_start={self.beta_start:g} --model.beta_end={self.beta_end:g}"
+                       if self.kind == "linear" else "")
+
+    def require_same(self, trained: NoiseSchedule, source: str) -> None:
+        """An error when the schedule a model was trained with (from `source`) has other β_t than this one."""
+        if trained.num_timesteps != self.num_timesteps or not np.allclose(trained.betas, self.betas, rtol=1e-9):
+            raise ValueError(f"{source} has the schedule {trained.as_options()} but mrdiff's model settings say "
+                             f"{self.as_options()}: set the model's schedule settings to the scheduler config's")
+
     # -- training ------------------------------------------------------------------------------------
     def gather(self, table: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
         """table[t] for integer t of shape [B], broadcastable against `like` ([B, ...])."""

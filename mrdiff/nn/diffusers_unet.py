@@ -81,6 +81,14 @@ class DiffusersUNet(nn.Module):
         """H and W must be multiples of this: every down block but the last halves the size."""
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
+    def check_training_size(self, train_resolution: int) -> None:
+        """An error when mrdiff's training size (the analytic shift's reference) is not the one the UNet had."""
+        if self.sample_size is not None and self.sample_size != train_resolution:
+            raise ValueError(f"the diffusers UNet was trained at {self.sample_size}x{self.sample_size} (sample_size "
+                             f"in its config.json) but model.train_resolution, linked from the data settings, is "
+                             f"{train_resolution}: set --data.multires=false --data.train_size={self.sample_size} "
+                             f"(the analytic shift and the size warnings use it)")
+
     def check_size(self, height: int, width: int) -> None:
         """Clear error for a resolution the UNet cannot take."""
         f = self.downsampling_factor
