@@ -137,6 +137,39 @@ def test_a_noiseshift_table_adds_a_row(trained, tmp_path):
     assert all(0 <= row["cells"][r]["one_sun_rate"] <= 1 for row in table["rows"] for r in ("16", "24"))
 
 
+def test_the_noiseshift_row_feeds_the_tables_t_hat_and_auto_finds_the_run_dirs_table(trained, tmp_path,
+                                                                                      monkeypatch):
+    """noiseshift: auto picks up <run dir>/noiseshift.json, and that row's network calls get t̂, not t."""
+    from mrdiff.module import DiffusionModule
+
+    ckpt = copy_checkpoint(trained[1], tmp_path / "run")
+    config = write_config(tmp_path / "fit.yaml", tmp_path / "run")
+    main(["calibrate", "--config", str(config), f"--ckpt_path={ckpt}", "--resolutions=[16]", "--steps=3",
+          "--num_images=2", "--coarse_stride=0.05", "--fine_window=0.01", "--fine_stride=0.005"])
+    path = tmp_path / "run" / "noiseshift.json"
+    doc = json.loads(path.read_text())
+    row = doc["resolutions"]["16"]
+    row["t_hat"] = [max(t - 7.0, 0.0) for t in row["t"]]  # a shift the row must show (same weights named)
+    row["band_lo"], row["band_hi"] = row["t_hat"], [t + 1 for t in row["t_hat"]]
+    path.write_text(json.dumps(doc))
+    fed: dict[str, list[float]] = {}
+    original = DiffusionModule.sample
+
+    def recording(self, seeds, height, width=None, *, time_cond=None, **kwargs):
+        t = torch.tensor(row["t"])
+        fed["plain" if time_cond is None else "noiseshift"] = (t if time_cond is None else time_cond(t)).tolist()
+        return original(self, seeds, height, width, time_cond=time_cond, **kwargs)
+
+    monkeypatch.setattr(DiffusionModule, "sample", recording)
+    config = write_config(tmp_path / "test.yaml", tmp_path / "run",
+                          evaluation(resolutions=[16], noiseshift="auto", fid=False))
+    main(["test", "--config", str(config), f"--ckpt_path={ckpt}"])
+    table = json.loads((tmp_path / "run" / "eval_table.json").read_text())
+    assert [r["variant"] for r in table["rows"]] == ["mrdiff", "mrdiff + NoiseShift"]
+    assert fed["plain"] == row["t"] and fed["noiseshift"] == pytest.approx(row["t_hat"])
+    assert fed["noiseshift"] != fed["plain"]
+
+
 def test_calibrate_and_sample_take_unset_options_from_the_configs_callbacks(trained, tmp_path, capsys):
     """`calibrate --config X` searches as X's NoiseShiftCalibration does, and `sample --config X` draws as X's
     SampleGrid does; an option given on the command line wins over the config's."""
