@@ -121,13 +121,17 @@ def test_mrdiff_test_prints_and_writes_the_table(trained, tmp_path, monkeypatch,
     assert ("test/radius_error_16_analytic" in metrics) == has_radius
 
 
-def test_a_noiseshift_table_adds_a_row(trained, tmp_path):
-    _, ckpt = trained
-    ckpt = copy_checkpoint(ckpt, tmp_path / "run")
-    config = write_config(tmp_path / "fit.yaml", tmp_path / "run")
-    main(["calibrate", "--config", str(config), f"--ckpt_path={ckpt}", "--resolutions=[16,24]", "--steps=3",
+def calibrated_run(ckpt: Path, run_dir: Path, resolutions: str) -> tuple[Path, Path]:
+    """The checkpoint copied into run_dir and a CPU-sized `mrdiff calibrate` of it: (ckpt, table path)."""
+    ckpt = copy_checkpoint(ckpt, run_dir)
+    config = write_config(run_dir.parent / "fit.yaml", run_dir)
+    main(["calibrate", "--config", str(config), f"--ckpt_path={ckpt}", f"--resolutions={resolutions}", "--steps=3",
           "--num_images=2", "--coarse_stride=0.05", "--fine_window=0.01", "--fine_stride=0.005"])
-    table_path = tmp_path / "run" / "noiseshift.json"
+    return ckpt, run_dir / "noiseshift.json"
+
+
+def test_a_noiseshift_table_adds_a_row(trained, tmp_path):
+    ckpt, table_path = calibrated_run(trained[1], tmp_path / "run", "[16,24]")
     config = write_config(tmp_path / "test.yaml", tmp_path / "run",
                           evaluation(noiseshift=str(table_path), fid=False))
     main(["test", "--config", str(config), f"--ckpt_path={ckpt}"])
@@ -142,11 +146,7 @@ def test_the_noiseshift_row_feeds_the_tables_t_hat_and_auto_finds_the_run_dirs_t
     """noiseshift: auto picks up <run dir>/noiseshift.json, and that row's network calls get t̂, not t."""
     from mrdiff.module import DiffusionModule
 
-    ckpt = copy_checkpoint(trained[1], tmp_path / "run")
-    config = write_config(tmp_path / "fit.yaml", tmp_path / "run")
-    main(["calibrate", "--config", str(config), f"--ckpt_path={ckpt}", "--resolutions=[16]", "--steps=3",
-          "--num_images=2", "--coarse_stride=0.05", "--fine_window=0.01", "--fine_stride=0.005"])
-    path = tmp_path / "run" / "noiseshift.json"
+    ckpt, path = calibrated_run(trained[1], tmp_path / "run", "[16]")
     doc = json.loads(path.read_text())
     row = doc["resolutions"]["16"]
     row["t_hat"] = [max(t - 7.0, 0.0) for t in row["t"]]  # a shift the row must show (same weights named)
