@@ -10,6 +10,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mrdiff.nn.unet import UNet, norm_groups
 from mrdiff.utils import atomic_write
 
 
@@ -72,6 +73,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint's state_dict (the EMA weights when EMA was on) into module; returns the checkpoint."""
     ckpt = load_checkpoint(path)
+    check_norm_groups(module, ckpt, path)
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as error:
@@ -84,7 +86,9 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> dict[str, 
 
 def check_fits(module: torch.nn.Module, path: str | os.PathLike) -> None:
     """CheckpointError unless the checkpoint's state_dict has the module's keys and shapes (reads, writes nothing)."""
-    state = load_checkpoint(path)["state_dict"]
+    ckpt = load_checkpoint(path)
+    check_norm_groups(module, ckpt, path)
+    state = ckpt["state_dict"]
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
     problems = [f"{k} is {found[k]} in the checkpoint, {shape} in the model"
@@ -95,3 +99,27 @@ def check_fits(module: torch.nn.Module, path: str | os.PathLike) -> None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(f"checkpoint {path} does not fit this model: {problems[0]}{more}. Use the config "
                               f"the checkpoint was trained with (its run dir holds config.yaml); nothing was written")
+
+
+def trained_norm_group_channels(ckpt: dict[str, Any]) -> int:
+    """The U-Net's norm_group_channels the weights were trained with: stamped into checkpoints (and exported
+    with the net's settings) since the setting exists; weights from before it used the rule it names 1."""
+    exported = ckpt.get("net") if isinstance(ckpt.get("net"), dict) else {}
+    return int(ckpt.get("mrdiff", {}).get("norm_group_channels", exported.get("norm_group_channels", 1)))
+
+
+def check_norm_groups(module: torch.nn.Module, ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """CheckpointError when the weights were trained with other GroupNorm groups than this U-Net has: the
+    shapes match, so loading would succeed and silently change what the network computes."""
+    net = getattr(module, "net", module)
+    if not isinstance(net, UNet):
+        return
+    trained = trained_norm_group_channels(ckpt)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    if any(norm_groups(m.num_channels, trained) != m.num_groups for m in norms):
+        raise CheckpointError(
+            f"checkpoint {path} was trained with GroupNorm groups of norm_group_channels={trained}, but this U-Net "
+            f"has norm_group_channels={net.norm_group_channels}: set --model.net.init_args.norm_group_channels="
+            f"{trained} to use these weights"
+            + (" (they predate the setting: with 32 channels or fewer per level the network did not see t)"
+               if trained == 1 else ""))

@@ -90,7 +90,8 @@ def export(ckpt_path: Path, out: Path, command: str, wall_seconds: float | None)
 def load_model(path: Path, device: torch.device) -> tuple[DiffusionModule, dict]:
     """Rebuild a model exported by `export` (fp32 weights on `device`, eval mode)."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    module = DiffusionModule(UNet(**payload["net"]), **payload["module"])
+    net = UNet(**{"norm_group_channels": 1, **payload["net"]})  # exports without it predate the setting (1)
+    module = DiffusionModule(net, **payload["module"])
     module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
     return module.to(device).eval(), payload
 

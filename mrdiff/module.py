@@ -121,6 +121,11 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"training inputs are {side}x{side} (data.patch_size, or data.train_size in fixed "
                              f"mode): {error}") from None
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Stamp what the weights' shapes cannot tell: the U-Net's GroupNorm rule (checkpoint.check_norm_groups)."""
+        if hasattr(self.net, "norm_group_channels"):
+            checkpoint.setdefault("mrdiff", {})["norm_group_channels"] = self.net.norm_group_channels
+
     def configure_callbacks(self) -> list[L.Callback]:
         return [self.nonfinite]
 

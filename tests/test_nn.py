@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mrdiff.nn.coords import FourierFeatures, canvas_grid, crop_grid, grid_spacing
 from mrdiff.nn.safa import ScaleAwareConv2d
-from mrdiff.nn.unet import UNet, timestep_embedding
+from mrdiff.nn.unet import ResBlock, UNet, norm_groups, timestep_embedding
 
 
 def test_crop_grid_holds_exact_normalised_pixel_centres():
@@ -177,6 +177,40 @@ def test_unet_conditioning_changes_the_output():
     base = net(x, t, crop_grid(64, 64, 0, 0, 32, 32), 64.0)
     assert not torch.allclose(base, net(x, t, crop_grid(64, 64, 32, 32, 32, 32), 64.0))
     assert not torch.allclose(base, net(x, t, crop_grid(64, 64, 0, 0, 32, 32), 40.0))
+
+
+def block_responses_to_t(net: UNet) -> list[float]:
+    """Each ResBlock on its own (same input h): the change of its output between t = 100 and t = 900,
+    relative to the output's size."""
+    embs = [net.time_embed(timestep_embedding(torch.tensor([t]), net.base_channels)) for t in (100.0, 900.0)]
+    out = []
+    for block in (m for m in net.modules() if isinstance(m, ResBlock)):
+        h = torch.randn(1, block.norm1.num_channels, 8, 8)
+        a, b = (block(h, emb, None, None) for emb in embs)
+        out.append(float((a - b).abs().max() / a.abs().max()))
+    return out
+
+
+@pytest.mark.parametrize("base", [16, 32, 64, 128])
+def test_every_resblock_sees_the_timestep_at_every_width(base):
+    """The time embedding is added per channel before a GroupNorm, which removes each group's mean: with one
+    channel per group the network cannot see t at all (the CPU evidence models' defect, 16-32 channels)."""
+    torch.manual_seed(0)
+    shape = {"base_channels": base, "channel_mult": (1, 2), "attention_levels": ()}
+    net = small_unet(**shape).eval()
+    for p in net.parameters():  # move off the zero initialisation of output layers
+        p.data.add_(0.05 * torch.randn_like(p))
+    with torch.no_grad():
+        assert min(block_responses_to_t(net)) > 0.01
+        if base <= 16:  # the rule before norm_group_channels: 16 groups on 16 and 32 groups on 32 channels
+            legacy = small_unet(**shape, norm_group_channels=1).eval()
+            legacy.load_state_dict(net.state_dict())
+            assert max(block_responses_to_t(legacy)) < 1e-5  # t-blind
+
+
+def test_norm_groups_keep_ddpms_32_groups_where_channels_allow():
+    assert [norm_groups(c, 4) for c in (16, 32, 64, 96, 128, 256)] == [4, 8, 16, 16, 32, 32]
+    assert [norm_groups(c, 1) for c in (16, 32, 48, 64, 128)] == [16, 32, 16, 32, 32]  # gcd(32, c): the old rule
 
 
 def test_unet_rejects_bad_sizes_and_levels_clearly():

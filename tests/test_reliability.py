@@ -244,6 +244,26 @@ def test_truncated_foreign_and_missing_checkpoints_are_clear_errors(tiny_config_
         main(["sample", "--config", str(other), f"--ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}"])
 
 
+def test_weights_from_before_the_groupnorm_fix_need_their_rule_said(tiny_config_file, tmp_path):
+    """Shapes cannot tell the GroupNorm rule: a checkpoint without the stamp (pre-fix, t-blind at 16 channels)
+    loads only into a U-Net told norm_group_channels=1; a stamped one only into a U-Net with its value."""
+    config = tiny_config_file()
+    main(["fit", "--config", str(config)])
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["mrdiff"]["norm_group_channels"] == 4
+    del ckpt["mrdiff"]["norm_group_channels"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    args = ["sample", "--config", str(config), f"--ckpt_path={tmp_path / 'old.ckpt'}", "--resolutions=[16]",
+            "--num_samples=1", "--steps=2", f"--out_dir={tmp_path / 'out'}"]
+    with pytest.raises(CheckpointError, match=r"norm_group_channels=1.*did not see t"):
+        main(args)
+    main([*args, "--model.net.init_args.norm_group_channels=1"])
+    assert (tmp_path / "out" / "samples_16.png").is_file()
+    with pytest.raises(CheckpointError, match="norm_group_channels=4"):
+        main(["sample", "--config", str(config), f"--ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}",
+              "--model.net.init_args.norm_group_channels=1", "--resolutions=[16]"])
+
+
 def test_atomic_writes_respect_the_umask_like_a_plain_open(tmp_path):
     """mkstemp's 0600 hid checkpoints and tables from the rest of a project group on a cluster."""
     import os

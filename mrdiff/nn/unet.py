@@ -39,8 +39,21 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+def norm_groups(channels: int, min_group_channels: int) -> int:
+    """DDPM's 32 groups where the channels allow, halved until each group holds min_group_channels or more.
+
+    A ResBlock adds the time embedding as one constant per channel before its second GroupNorm, which removes
+    each group's mean: with one channel per group (32 groups on ≤ 32 channels) the norm erases the embedding
+    and the network never sees t. DDPM's own U-Net has 4 channels per group (32 groups on 128 channels).
+    """
+    groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < min_group_channels:
+        groups //= 2
+    return groups
+
+
+def group_norm(channels: int, min_group_channels: int = 4) -> nn.GroupNorm:
+    return nn.GroupNorm(norm_groups(channels, min_group_channels), channels)
 
 
 class ResBlock(nn.Module):
@@ -56,14 +69,14 @@ class ResBlock(nn.Module):
 
     def __init__(
         self, in_channels: int, out_channels: int, emb_channels: int, dropout: float,
-        coord_channels: int = 0, safa_kernels: int = 0, safa_mode: SafaMode = "auto",
+        coord_channels: int = 0, safa_kernels: int = 0, safa_mode: SafaMode = "auto", norm_group_channels: int = 4,
     ) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, norm_group_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.coords = nn.Conv2d(coord_channels, out_channels, 1, bias=False) if coord_channels else None
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))  # DDPM: dense(swish(temb))
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, norm_group_channels)
         self.dropout = nn.Dropout(dropout)
         if safa_kernels:
             self.conv2 = ScaleAwareConv2d(out_channels, out_channels, num_kernels=safa_kernels, mode=safa_mode)
@@ -86,10 +99,10 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over all positions, pre-GroupNorm, zero-initialised output."""
 
-    def __init__(self, channels: int, head_channels: int = 64) -> None:
+    def __init__(self, channels: int, head_channels: int = 64, norm_group_channels: int = 4) -> None:
         super().__init__()
         self.heads = max(1, channels // head_channels)
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, norm_group_channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -137,6 +150,9 @@ class UNet(nn.Module):
         safa_kernels: K, the kernels SAFA mixes per scale.
         safa_mode: How SAFA applies per-sample kernels: grouped, experts or stacked (auto picks by feature-map size).
         scale_ref: SAFA sees log2(scale / scale_ref).
+        norm_group_channels: GroupNorms keep at least this many channels per group (DDPM: 4, its 32 groups on
+            128 channels). 1 is the rule before this setting existed (gcd(32, channels) groups), which on
+            32 channels or fewer erases the time embedding: only for weights trained that way.
     """
 
     def __init__(
@@ -158,8 +174,10 @@ class UNet(nn.Module):
         safa_kernels: int = 4,
         safa_mode: SafaMode = "auto",
         scale_ref: float = 64.0,
+        norm_group_channels: int = 4,
     ) -> None:
         super().__init__()
+        self.norm_group_channels = norm_group_channels
         levels = len(channel_mult)
         for name, values in (("attention_levels", attention_levels), ("safa_levels", safa_levels)):
             bad = [v for v in values if not 0 <= v < levels]
@@ -186,10 +204,11 @@ class UNet(nn.Module):
 
         def block(cin: int, cout: int, level: int) -> ResBlock:
             k = safa_kernels if level in safa_levels else 0
-            return ResBlock(cin, cout, emb_ch, dropout, coord_ch, k, safa_mode)
+            return ResBlock(cin, cout, emb_ch, dropout, coord_ch, k, safa_mode, norm_group_channels)
 
         def attn(level: int, ch: int, n: int) -> list[nn.Module]:
-            return [Attention(ch, head_channels) if level in attention_levels else nn.Identity() for _ in range(n)]
+            return [Attention(ch, head_channels, norm_group_channels) if level in attention_levels else nn.Identity()
+                    for _ in range(n)]
 
         self.stem = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         chans = [base_channels * m for m in channel_mult]
@@ -205,7 +224,8 @@ class UNet(nn.Module):
             if level < levels - 1:
                 self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
                 skips.append(ch)
-        self.mid = Level([block(ch, ch, levels - 1), block(ch, ch, levels - 1)], [Attention(ch, head_channels)])
+        self.mid = Level([block(ch, ch, levels - 1), block(ch, ch, levels - 1)],
+                         [Attention(ch, head_channels, norm_group_channels)])
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for level in reversed(range(levels)):
             blocks = []
@@ -215,7 +235,8 @@ class UNet(nn.Module):
             self.up.append(Level(blocks, attn(level, ch, num_res_blocks + 1)))
             if level > 0:
                 self.upsample.append(nn.Conv2d(ch, ch, 3, padding=1))
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch, norm_group_channels), nn.SiLU(),
+                                 zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def to_channels_last(self) -> UNet:
         """Store the 4-D conv kernels channels_last (the 5-D SAFA kernel banks stay as they are)."""
