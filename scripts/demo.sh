@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: (1) the shipped CPU evidence models (models/evidence_cpu: fixed-resolution vs multi-resolution,
-# trained at R = 32 for the same 175 minutes, over two sessions, on this project's 2-core CPU) sampled at R,
+# `make demo`: (1) the shipped CPU evidence models (models/evidence_cpu_v2: fixed-resolution vs multi-resolution,
+# trained at R = 32 for the same 37 minutes, one thread each, on this project's 2-core CPU) sampled at R,
 # 2R and R x 2R, next to their evaluation report; (2) a short quickstart fit on synthetic scenes, calibrated
 # with NoiseShift and evaluated per resolution, to show the whole pipeline end to end.
 set -euo pipefail
@@ -14,16 +14,14 @@ export WANDB_MODE=${WANDB_MODE:-offline} MRDIFF_OVERWRITE=1  # the demo owns run
 
 rm -rf "$DEMO"
 echo "== 1/4 shipped models: fixed-resolution DDPM vs multi-resolution, sampled at 32, 64 and 32x64 =="
-for model in fixed multires; do  # stochastic DDIM: these young models speckle under deterministic samplers
-  # norm_group_channels=1: they were trained before the GroupNorm fix, blind to t (README, Results)
+for model in fixed multires; do  # stochastic DDIM-25, as their evaluation
   $MRDIFF sample --config configs/evidence/base.yaml --config configs/evidence/$model.yaml \
-    --config configs/evidence/cpu.yaml --model.net.init_args.norm_group_channels=1 \
-    --ckpt_path models/evidence_cpu/$model.pt --resolutions "[32,64,32x64]" \
-    --num_samples 16 --sampler ddim --steps 25 --eta 1 --out_dir $DEMO/$model
+    --config configs/evidence/cpu.yaml --ckpt_path models/evidence_cpu_v2/$model.pt \
+    --resolutions "[32,64,32x64]" --num_samples 16 --sampler ddim --steps 25 --eta 1 --out_dir $DEMO/$model
 done
 echo
 echo "Their evaluation (400 samples per cell, 95% intervals; README 'Results'):"
-sed -n '1,12p' results/evidence/cpu_matrix/table.md
+sed -n '1,12p' results/evidence/cpu_matrix_v2/table.md
 rm -rf "$RUN"
 echo "== 2/4 quickstart training, 150 steps (NoiseShift is calibrated at the end of fit) =="
 $MRDIFF fit --config $CONFIG --trainer.max_steps=150 --trainer.val_check_interval=150
@@ -33,6 +31,6 @@ $MRDIFF sample --config $CONFIG --ckpt_path $CKPT --resolutions "[32,48,64]" --n
 echo "== 4/4 evaluation per resolution =="
 $MRDIFF test --config $CONFIG --ckpt_path $CKPT --trainer.logger=false
 echo
-echo "mrdiff demo: shipped-model grids in $DEMO/{fixed,multires}/, their report in results/evidence/cpu_matrix/;"
+echo "mrdiff demo: shipped-model grids in $DEMO/{fixed,multires}/, their report in results/evidence/cpu_matrix_v2/;"
 echo "             quickstart grids in $RUN/samples/, NoiseShift table $RUN/noiseshift.json (plot .png),"
 echo "             evaluation table $RUN/eval_table.md (also .csv, .json)"
