@@ -46,6 +46,7 @@ from mrdiff.nn.unet import UNet
 from mrdiff.resolution import parse_resolution, resolution_key
 from mrdiff.utils import atomic_write
 
+VARIANTS = ("plain", "noiseshift", "analytic")
 MODELS = ("fixed", "multires", "no_coords", "no_safa", "pixel")
 LABELS = {"fixed": "fixed-resolution DDPM", "multires": "multi-resolution (coords + SAFA)",
           "no_coords": "multi-res, no coordinates", "no_safa": "multi-res, no SAFA", "pixel": "multi-res, pixel coords"}
@@ -107,6 +108,7 @@ class Settings:
     num_reference: int = 1000  # ground-truth renders per resolution (spectra, colours)
     figure_samples: int = 6
     variants: tuple[str, ...] = ("plain", "noiseshift", "analytic")
+    shifted_at: list[tuple[int, int]] | None = None  # where the shifted rows are sampled; None: every resolution
     extractor: torch.nn.Module | None = None  # Inception (FID and KID per cell), when weights are given
     sampler_check: int = 0  # samples per sampler in the DDIM / DDPM / DPM-Solver++ comparison at R; 0: none
 
@@ -260,6 +262,8 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
             key = resolution_key(*hw)
             diagnostics[name]["eps_mse"][key] = eps_mse_by_bucket(model, refs[hw])
             for variant in settings.variants:
+                if variant != "plain" and settings.shifted_at is not None and hw not in settings.shifted_at:
+                    continue
                 start = time.time()
                 if variant == "plain":
                     cond = None
@@ -414,7 +418,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=400)
     p.add_argument("--calibration-images", type=int, default=32)
     p.add_argument("--num-reference", type=int, default=1000)
-    p.add_argument("--variants", default="plain,noiseshift,analytic")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="rows per model: a subset of " + ", ".join(VARIANTS))
+    p.add_argument("--shifted-at", default=None, metavar="RES,...",
+                   help="sample the noiseshift and analytic rows only at these resolutions (default: at all)")
     p.add_argument("--sampler-check", type=int, default=0, metavar="N",
                    help="also sample N seeds at R with DDIM-50, DDPM-1000 and DPM-Solver++-10 (a sampler check)")
     p.add_argument("--inception-weights", default=None,
@@ -430,6 +436,15 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         raise SystemExit(f"mrdiff: error: unknown evidence models {unknown}: choose from {', '.join(MODELS)}")
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if set(variants) - set(VARIANTS):
+        raise SystemExit(f"mrdiff: error: unknown --variants {sorted(set(variants) - set(VARIANTS))}: "
+                         f"choose from {', '.join(VARIANTS)}")
+    resolutions = [parse_resolution(r) for r in args.resolutions.split(",")]
+    shifted_at = None if args.shifted_at is None else [parse_resolution(r) for r in args.shifted_at.split(",")]
+    if shifted_at is not None and set(shifted_at) - set(resolutions):
+        raise SystemExit(f"mrdiff: error: --shifted-at {args.shifted_at} names resolutions outside --resolutions "
+                         f"{args.resolutions}: pick them from --resolutions")
     if (Path(args.out) / "table.json").exists():
         raise SystemExit(f"mrdiff: error: {args.out} already holds a report (table.json): pass another --out "
                          f"or move it away; reports are never overwritten")
@@ -445,11 +460,11 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = train(fit, Path(args.runs) / name)
         export(ckpt, path, "mrdiff " + shlex.join(fit), time.time() - run_start)
     device = torch.device(args.device)
-    settings = Settings(resolutions=[parse_resolution(r) for r in args.resolutions.split(",")],
+    settings = Settings(resolutions=resolutions,
                         num_samples=args.num_samples, sampling=SamplingSettings(args.sampler, args.steps, args.eta),
                         batch_size=args.batch_size, calibration_images=args.calibration_images,
                         num_reference=args.num_reference,
-                        variants=tuple(v.strip() for v in args.variants.split(",")),
+                        variants=variants, shifted_at=shifted_at,
                         sampler_check=args.sampler_check,
                         extractor=inception(args.inception_weights).to(device)
                         if configured_weights(args.inception_weights) else None)
@@ -461,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "torch": torch.__version__, "wall_seconds": time.time() - start,
         "resolutions": settings.resolutions, "num_samples": settings.num_samples, **asdict(settings.sampling),
-        "sampler_check": settings.sampler_check,
+        "sampler_check": settings.sampler_check, "variants": settings.variants, "shifted_at": settings.shifted_at,
         "base_resolution": first["module"]["train_resolution"], "models": {n: str(p) for n, p in weights.items()},
     }
     write_report(result, Path(args.out))

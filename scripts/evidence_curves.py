@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from mrdiff.diffusion.samplers import SamplingSettings
+from mrdiff.metrics.detail import wilson_interval
 
 
 def read(path: Path) -> dict[str, dict[int, float]]:
@@ -67,33 +68,43 @@ def plot(logs: dict[str, dict[str, dict[int, float]]], path: Path) -> None:
     plt.close(fig)
 
 
+def rate_cell(rate: float, trials: int | None) -> str:
+    """'0.775 [0.71, 0.83]': a logged rate with its Wilson interval when the sample count is known."""
+    if not trials:
+        return f"{rate:.3f}"
+    low, high = wilson_interval(round(rate * trials), trials)
+    return f"{rate:.3f} [{low:.2f}, {high:.2f}]"
+
+
 def main(folder: Path) -> None:
     logs = logs_in(folder)
     lines = [f"Written by `python scripts/evidence_curves.py {folder}` from the fits' CSV logs.", ""]
+    num_samples: dict[str, int] = {}
     for name in logs:
         config = folder / f"{name}.config.yaml"
         callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"] if config.is_file() else []
         for cb in callbacks:
             if cb["class_path"].endswith("ResolutionEvaluation"):
                 a = cb["init_args"]
+                num_samples[name] = a["num_samples"]
                 sampling = {**asdict(SamplingSettings()), **(a.get("sampling") or a)}  # older configs: flat
                 lines.append(f"- {name}: in-fit evaluation of the EMA weights, {a['num_samples']} samples per size, "
                              f"{sampling['sampler']}-{sampling['steps']} (η = {sampling['eta'] or 0:g}).")
-    lines += ["",
-             "| model | step | val loss | one-sun rate at R (in-fit) | one-sun rate at 2R (in-fit) "
-             "| radius error at R |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "Rates carry Wilson 95% intervals over the in-fit samples.", "",
+              "| model | step | val loss | one-sun rate at R (in-fit) | one-sun rate at 2R (in-fit) "
+              "| radius error at R |",
+              "|---|---:|---:|---:|---:|---:|"]
     for name, log in logs.items():
         sizes = sorted({int(k.rsplit("_", 1)[1]) for k in log if k.startswith("val/one_sun_rate_")})
         if len(sizes) < 2:
             continue
         r, r2 = sizes[0], sizes[-1]
+        loss = log.get("val/loss", {})
         for step in sorted(log[f"val/one_sun_rate_{r}"]):
-            loss = log.get("val/loss", {})
             near = min(loss, key=lambda s: abs(s - step)) if loss else None
-            lines.append(f"| {name} | {step} | {loss[near]:.5f} | {log[f'val/one_sun_rate_{r}'][step]:.3f} | "
-                         f"{log[f'val/one_sun_rate_{r2}'][step]:.3f} | {log[f'val/radius_error_{r}'][step]:.3f} |"
-                         if near is not None else f"| {name} | {step} | – | – | – | – |")
+            rates = [rate_cell(log[f"val/one_sun_rate_{size}"][step], num_samples.get(name)) for size in (r, r2)]
+            lines.append(f"| {name} | {step} | {f'{loss[near]:.5f}' if near is not None else '–'} | {rates[0]} | "
+                         f"{rates[1]} | {log[f'val/radius_error_{r}'][step]:.3f} |")
     (folder / "curves.md").write_text("\n".join(lines) + "\n")
     plot(logs, folder / "curves.png")
     print("\n".join(lines))

@@ -1,6 +1,7 @@
 """Detail metrics and intervals of the evidence report (mrdiff.metrics.detail)."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -78,6 +79,17 @@ def test_evidence_never_overwrites_an_earlier_report(tmp_path):
     assert (tmp_path / "table.json").read_text() == "{}"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--variants", "plain,noiseshfit"], "unknown --variants ['noiseshfit']"),
+    (["--resolutions", "24,32", "--shifted-at", "64"], "--shifted-at 64 names resolutions outside --resolutions"),
+])
+def test_evidence_rejects_rows_it_cannot_sample_before_any_work(tmp_path, args, message):
+    from mrdiff.evidence import main
+
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main(["--out", str(tmp_path / "report"), "--models", "fixed", "--weights", str(tmp_path), *args])
+    assert not (tmp_path / "report").exists()
+
 
 @pytest.mark.slow
 def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
@@ -104,12 +116,13 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     out = tmp_path / "report"
     main(["--models", "fixed,multires", "--weights", str(tmp_path), "--out", str(out), "--resolutions", "16,32",
           "--num-samples", "4", "--batch-size", "4", "--sampler", "dpmpp_2m", "--steps", "2", "--variants",
-          "plain,analytic", "--num-reference", "8", "--sampler-check", "2", "--device", "cpu", "--eta", "1"])
+          "plain,analytic", "--shifted-at", "32", "--num-reference", "8", "--sampler-check", "2", "--device", "cpu", "--eta", "1"])
     report = json.loads((out / "table.json").read_text())
     cells = report["cells"]
     assert set(cells) == {"ground truth", "fixed", "fixed + analytic", "multires", "multires + analytic",
                           "fixed + upsample"}
     assert set(cells["fixed + upsample"]) == {"32"} and set(cells["fixed"]) == {"16", "32"}
+    assert set(cells["fixed + analytic"]) == set(cells["multires + analytic"]) == {"32"}  # --shifted-at 32
     assert report["meta"]["sampler"] == "dpmpp_2m" and report["diagnostics"]["fixed"]["global_step"] == 7
     assert set(report["diagnostics"]["multires"]["samplers"]) == {"DDIM-50", "DDIM-50 (η = 1)", "DDPM-1000",
                                                                   "DPM-Solver++(2M)-10"}
