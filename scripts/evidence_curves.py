@@ -92,8 +92,8 @@ def main(folder: Path) -> None:
                              f"{sampling['sampler']}-{sampling['steps']} (η = {sampling['eta'] or 0:g}).")
     lines += ["", "Rates carry Wilson 95% intervals over the in-fit samples.", "",
               "| model | step | val loss | one-sun rate at R (in-fit) | one-sun rate at 2R (in-fit) "
-              "| radius error at R |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| radius error at R | radius error at 2R |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, log in logs.items():
         sizes = sorted({int(k.rsplit("_", 1)[1]) for k in log if k.startswith("val/one_sun_rate_")})
         if len(sizes) < 2:
@@ -103,8 +103,9 @@ def main(folder: Path) -> None:
         for step in sorted(log[f"val/one_sun_rate_{r}"]):
             near = min(loss, key=lambda s: abs(s - step)) if loss else None
             rates = [rate_cell(log[f"val/one_sun_rate_{size}"][step], num_samples.get(name)) for size in (r, r2)]
-            lines.append(f"| {name} | {step} | {f'{loss[near]:.5f}' if near is not None else '–'} | {rates[0]} | "
-                         f"{rates[1]} | {log[f'val/radius_error_{r}'][step]:.3f} |")
+            radii = [f"{log[f'val/radius_error_{size}'][step]:.3f}" for size in (r, r2)]
+            lines.append(f"| {name} | {step} | {f'{loss[near]:.5f}' if near is not None else '–'} | "
+                         + " | ".join(rates + radii) + " |")
     (folder / "curves.md").write_text("\n".join(lines) + "\n")
     plot(logs, folder / "curves.png")
     print("\n".join(lines))
