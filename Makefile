@@ -34,8 +34,8 @@ EVIDENCE_CPU_OUT ?= results/evidence/cpu_matrix-$(shell date +%Y%m%d-%H%M%S)
 evidence-cpu: $(STAMP)  # the CPU-sized pair: shipped models/evidence_cpu_v2 weights (or --train), evaluated as in the README
 	$(BIN)/python -m mrdiff.evidence --models fixed,multires --weights models/evidence_cpu_v2 --train \
 	  --overlay configs/evidence/cpu.yaml --runs runs/evidence_cpu_v2 --device cpu --out $(EVIDENCE_CPU_OUT) \
-	  --resolutions 32,64 --num-samples 400 --batch-size 400 --sampler ddim --steps 25 --eta 1 \
-	  --variants plain --num-reference 400 --sampler-check 64
+	  --resolutions 24,32,48,64,32x64 --num-samples 400 --batch-size 400 --sampler ddim --steps 25 --eta 1 \
+	  --variants plain,noiseshift,analytic --shifted-at 24,64 --num-reference 400
 
 bench: $(STAMP)
 	$(BIN)/python -m mrdiff.bench
