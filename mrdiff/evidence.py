@@ -107,7 +107,7 @@ class Settings:
     calibration_images: int = 32
     num_reference: int = 1000  # ground-truth renders per resolution (spectra, colours)
     figure_samples: int = 6
-    variants: tuple[str, ...] = ("plain", "noiseshift", "analytic")
+    variants: tuple[str, ...] = VARIANTS
     shifted_at: list[tuple[int, int]] | None = None  # where the shifted rows are sampled; None: every resolution
     extractor: torch.nn.Module | None = None  # Inception (FID and KID per cell), when weights are given
     sampler_check: int = 0  # samples per sampler in the DDIM / DDPM / DPM-Solver++ comparison at R; 0: none

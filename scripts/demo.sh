@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: (1) the shipped CPU evidence models (models/evidence_cpu_v2: fixed-resolution vs multi-resolution,
-# trained at R = 32 for the same 37 minutes, one thread each, on this project's 2-core CPU) sampled at R,
+# trained at R = 32 for the same 97 minutes, one thread each, on this project's 2-core CPU) sampled at R,
 # 2R and R x 2R, next to their evaluation report; (2) a short quickstart fit on synthetic scenes, calibrated
 # with NoiseShift and evaluated per resolution, to show the whole pipeline end to end.
 set -euo pipefail
@@ -21,7 +21,7 @@ for model in fixed multires; do  # stochastic DDIM-25, as their evaluation
 done
 echo
 echo "Their evaluation (400 samples per cell, 95% intervals; README 'Results'):"
-sed -n '1,12p' results/evidence/cpu_matrix_v2/table.md
+sed -n '1,12p' results/evidence/cpu_matrix_v2/table.md  # the 37-minute weights; to be replaced by the 97-minute report
 rm -rf "$RUN"
 echo "== 2/4 quickstart training, 150 steps (NoiseShift is calibrated at the end of fit) =="
 $MRDIFF fit --config $CONFIG --trainer.max_steps=150 --trainer.val_check_interval=150
