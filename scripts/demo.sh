@@ -21,7 +21,7 @@ for model in fixed multires; do  # stochastic DDIM-25, as their evaluation
 done
 echo
 echo "Their evaluation (400 samples per cell, 95% intervals; README 'Results'):"
-sed -n '1,12p' results/evidence/cpu_matrix_v2/table.md  # the 37-minute weights; to be replaced by the 97-minute report
+sed -n '1,14p' results/evidence/cpu_matrix_v2_97min/table.md  # the shipped 97-minute weights' 400-sample report
 rm -rf "$RUN"
 echo "== 2/4 quickstart training, 150 steps (NoiseShift is calibrated at the end of fit) =="
 $MRDIFF fit --config $CONFIG --trainer.max_steps=150 --trainer.val_check_interval=150
@@ -31,6 +31,6 @@ $MRDIFF sample --config $CONFIG --ckpt_path $CKPT --resolutions "[32,48,64]" --n
 echo "== 4/4 evaluation per resolution =="
 $MRDIFF test --config $CONFIG --ckpt_path $CKPT --trainer.logger=false
 echo
-echo "mrdiff demo: shipped-model grids in $DEMO/{fixed,multires}/, their report in results/evidence/cpu_matrix_v2/;"
+echo "mrdiff demo: shipped-model grids in $DEMO/{fixed,multires}/, their report in results/evidence/cpu_matrix_v2_97min/;"
 echo "             quickstart grids in $RUN/samples/, NoiseShift table $RUN/noiseshift.json (plot .png),"
 echo "             evaluation table $RUN/eval_table.md (also .csv, .json)"
