@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -229,10 +230,17 @@ class DiffusionModule(L.LightningModule):
         grid, scale = self.canvas_inputs(height, width)
         noise = PerSampleNoise(seeds, self.device)
         x_T = noise.randn((self.net_in_channels, height, width))
-        x0 = (sampling or SamplingSettings()).run(self.eps_fn(grid, scale), self.schedule, x_T, noise=noise,
-                                                  time_cond=time_cond, clip_denoised=clip_denoised,
-                                                  progress=progress)
+        sampling = sampling or SamplingSettings()
+        with self.scaled_attention(sampling.attention_scaling):
+            x0 = sampling.run(self.eps_fn(grid, scale), self.schedule, x_T, noise=noise, time_cond=time_cond,
+                              clip_denoised=clip_denoised, progress=progress)
         return x0.clamp(-1, 1)
+
+    def scaled_attention(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """UNet.scaled_attention at the training side when enabled (no-op otherwise, and for nets without it)."""
+        if not enabled or not isinstance(self.net, UNet):
+            return contextlib.nullcontext()
+        return self.net.scaled_attention(self.hparams.train_resolution)
 
     @property
     def net_in_channels(self) -> int:

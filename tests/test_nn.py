@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mrdiff.nn.coords import FourierFeatures, canvas_grid, crop_grid, grid_spacing
 from mrdiff.nn.safa import ScaleAwareConv2d
-from mrdiff.nn.unet import ResBlock, UNet, norm_groups, timestep_embedding
+from mrdiff.nn.unet import Attention, ResBlock, UNet, norm_groups, timestep_embedding
 
 
 def test_crop_grid_holds_exact_normalised_pixel_centres():
@@ -233,3 +233,72 @@ def test_sampling_outside_the_trained_scales_warns_once(capsys):
     out = capsys.readouterr().out
     assert out.count("warning") == 1 and "64x128" in out and "32..64" in out
     assert not DiffusionModule(net, warmup_steps=1).warn_outside_training_scales(512, 512)  # unknown: silent
+
+
+def _probe_attention(tokens: int, reference: int | None, d: int = 8) -> float:
+    """Weight a query puts on the one key whose logit is log(reference) when every other key's logit is 0,
+    read off an Attention layer with identity projections at `tokens` = side² positions."""
+    layer = Attention(d, head_channels=d)
+    layer.norm = torch.nn.Identity()
+    eye = torch.eye(d)[:, :, None, None]
+    gain = math.log(reference or 64) * math.sqrt(d)  # q·k / sqrt(d) = log(reference) for the unit target vector
+    with torch.no_grad():
+        layer.qkv.weight.copy_(torch.cat([gain * eye, eye, eye]))
+        layer.qkv.bias.zero_()
+        layer.proj.weight.copy_(eye)
+        layer.proj.bias.zero_()
+    layer.reference_tokens = reference
+    side = math.isqrt(tokens)
+    x = torch.zeros(1, d, side, side)
+    x[0, 0, 0, 0] = 1.0  # the target token; all other tokens are zero vectors (logit 0, value 0)
+    return float(layer(x)[0, 0, 0, 0] - 1.0)  # residual removed: the attention weight on the target
+
+
+def test_scaled_attention_keeps_a_querys_attention_mass_at_larger_token_counts():
+    n = 64  # 8² tokens, the level-2 count of a 32² training input
+    trained = _probe_attention(n, reference=None)
+    assert trained == pytest.approx(n / (2 * n - 1), abs=1e-4)  # e^log n / (e^log n + n - 1)
+    plain = _probe_attention(4 * n, reference=None)  # 2R: the same logit, four times as many keys
+    assert plain == pytest.approx(n / (n + 4 * n - 1), abs=1e-4)  # diluted from 0.50 to 0.20
+    scaled = _probe_attention(4 * n, reference=n)
+    assert scaled == pytest.approx(trained, abs=5e-3)  # log(4n)/log(n) restores the mass
+    assert _probe_attention(n, reference=n) == trained  # at the training count nothing changes
+
+
+def test_unet_scaled_attention_sets_each_levels_training_count_and_restores_it():
+    net = small_unet(attention_levels=(1, 2)).eval()
+    with net.scaled_attention(32):
+        counts = sorted({(level, layer.reference_tokens) for level, layer in net.attention_layers()})
+        assert counts == [(1, 256), (2, 64)]
+    assert all(layer.reference_tokens is None for _, layer in net.attention_layers())
+    torch.manual_seed(0)
+    for p in net.parameters():  # move off the zero initialisation of output layers
+        p.data.add_(0.05 * torch.randn_like(p))
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        x = torch.randn(1, 3, 32, 32)
+        plain = net(x, t)
+        with net.scaled_attention(32):  # the training size: every count matches, the output is unchanged
+            assert torch.equal(net(x, t), plain)
+        x = torch.randn(1, 3, 64, 64)
+        plain = net(x, t)
+        with net.scaled_attention(32):
+            assert not torch.allclose(net(x, t), plain, atol=1e-4)
+
+
+def test_sampling_settings_switch_scaled_attention_on_at_the_training_side_only():
+    from mrdiff.diffusion.samplers import SamplingSettings
+    from mrdiff.module import DiffusionModule
+
+    torch.manual_seed(0)
+    net = small_unet(dropout=0.0)
+    for p in net.parameters():  # move off the zero initialisation of output layers
+        p.data.add_(0.05 * torch.randn_like(p))
+    module = DiffusionModule(net, train_resolution=16, warmup_steps=1).eval()
+    plain, scaled = (SamplingSettings(steps=3, attention_scaling=flag) for flag in (False, True))
+    assert str(scaled) == "ddim-3, scaled attention"
+    with torch.no_grad():
+        assert torch.equal(module.sample([0, 1], 16, sampling=scaled), module.sample([0, 1], 16, sampling=plain))
+        big = module.sample([0, 1], 32, sampling=plain)
+        assert not torch.allclose(module.sample([0, 1], 32, sampling=scaled), big, atol=1e-4)
+    assert all(layer.reference_tokens is None for _, layer in net.attention_layers())  # restored after sampling

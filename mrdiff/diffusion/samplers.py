@@ -226,11 +226,14 @@ class SamplingSettings:
         steps: Network calls of DDIM or DPM-Solver++; DDPM ignores it.
         eta: DDIM's η: 0 is deterministic, 1 re-noises as much as DDPM. Young models sample cleaner with 1
             (README, "Which sampler"); the other samplers ignore it.
+        attention_scaling: At a token count other than training's, rescale attention logits by
+            log n / log n_train (entropy-preserving attention, Jin et al. 2023); off by default.
     """
 
     sampler: Sampler = "ddim"
     steps: int = 50
     eta: float = 0.0
+    attention_scaling: bool = False
 
     def __post_init__(self) -> None:
         if self.sampler not in get_args(Sampler):
@@ -258,8 +261,9 @@ class SamplingSettings:
         return ddpm_sample(eps, schedule, x_T, **kwargs)
 
     def __str__(self) -> str:
-        """'ddim-50', 'ddim-25 (η = 1)', 'dpmpp_2m-10' or 'ddpm'."""
+        """'ddim-50', 'ddim-25 (η = 1)', 'dpmpp_2m-10' or 'ddpm', plus ', scaled attention' when on."""
+        scaled = ", scaled attention" if self.attention_scaling else ""
         if self.sampler == "ddpm":
-            return "ddpm"
+            return "ddpm" + scaled
         eta = f" (η = {self.eta:g})" if self.sampler == "ddim" and self.eta else ""
-        return f"{self.sampler}-{self.steps}{eta}"
+        return f"{self.sampler}-{self.steps}{eta}{scaled}"

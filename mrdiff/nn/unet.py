@@ -11,7 +11,8 @@ The network knows nothing of the diffusion schedule: it maps (x_t, t, grid, scal
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -105,11 +106,19 @@ class Attention(nn.Module):
         self.norm = group_norm(channels, norm_group_channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+        self.reference_tokens: int | None = None
+        """Token count the softmax was trained at; when set, other counts rescale the logits (UNet.scaled_attention)."""
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        scale = None  # SDPA's default, 1/sqrt(head dim)
+        if self.reference_tokens is not None and h * w != self.reference_tokens:
+            # Entropy-preserving temperature (Jin et al. 2023): with n tokens the logits are multiplied by
+            # log n / log n_train, so a query spreads its attention as it did over the training count.
+            scale = math.log(h * w) / math.log(self.reference_tokens) / math.sqrt(c // self.heads)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2),
+                                             scale=scale)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
@@ -248,6 +257,29 @@ class UNet(nn.Module):
     @property
     def in_channels(self) -> int:
         return self.stem.in_channels
+
+    def attention_layers(self) -> Iterator[tuple[int, Attention]]:
+        """(level, layer) of every attention layer."""
+        top = self.num_levels - 1
+        stages = [*enumerate(self.down), (top, self.mid), *((top - i, lv) for i, lv in enumerate(self.up))]
+        for level, stage in stages:
+            for layer in stage.attention:
+                if isinstance(layer, Attention):
+                    yield level, layer
+
+    @contextmanager
+    def scaled_attention(self, train_size: int | None) -> Iterator[UNet]:
+        """Inside the block, attention at level l rescales its logits for inputs whose token count differs
+        from the (train_size / 2^l)² it was trained at (see Attention); None leaves attention unchanged."""
+        previous = [(layer, layer.reference_tokens) for _, layer in self.attention_layers()]
+        if train_size is not None:
+            for level, layer in self.attention_layers():
+                layer.reference_tokens = max(2, (train_size // 2**level) ** 2)
+        try:
+            yield self
+        finally:
+            for layer, tokens in previous:
+                layer.reference_tokens = tokens
 
     @property
     def downsampling_factor(self) -> int:
