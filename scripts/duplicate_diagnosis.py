@@ -1,13 +1,14 @@
 """Where the extra suns come from: a diagnosis of the 2R one-sun rate (issue 15).
 
     python scripts/duplicate_diagnosis.py --models fixed=models/evidence_cpu_v2/fixed.pt,multires=... \
-        --sizes 32,64 --variants plain,scaled --out results/evidence/duplicates_2r
+        --sizes 32,64 --scaled fixed,multires --out results/evidence/duplicates_2r
 
 Samples every model at every size (DDIM-25, η = 1, seeds 0..N-1, as the 400-sample report) and splits the
 one-sun rate into its failure modes: no sun, two or more suns, and for images with several suns the radius
-of the largest sun against the radii of the others. An extra sun much smaller than the data's smallest
+of the largest sun against the radii of the others, and how often a sun is cut by the canvas edge (never in
+the data). An extra sun much smaller than the data's smallest
 (radius 0.12 canvas units) is a sun drawn at the wrong scale; a second full-size sun is a counting error.
-`scaled` samples with entropy-scaled attention (SamplingSettings.attention_scaling). Writes table.md,
+`--scaled` adds rows with entropy-scaled attention (SamplingSettings.attention_scaling). Writes table.md,
 table.json and samples.png into --out, which must not exist yet.
 """
 
@@ -30,7 +31,7 @@ from mrdiff.evidence import Settings, generate, load_model, references, save_fig
 from mrdiff.metrics.detail import bootstrap_interval, wilson_interval
 from mrdiff.metrics.structure import detect_suns
 
-VARIANTS = {"plain": False, "scaled": True}
+EDGE = 0.97  # a data sun's disk stays inside ±0.95 (CANVAS_MARGIN): one reaching past this is cut by the edge
 
 
 def rate(flags: np.ndarray) -> dict[str, float]:
@@ -61,6 +62,7 @@ def failure_modes(images: torch.Tensor) -> dict[str, dict[str, float]]:
         "other_radius": mean(others),
         "others_below_data_min": rate(np.array(others) < SUN_RADIUS_RANGE[0]) if others else mean([]),
         "distance_to_largest": mean(distances),
+        "at_edge": rate(np.array([any(max(map(abs, sun.center)) + sun.radius > EDGE for sun in s) for s in suns])),
     }
 
 
@@ -69,7 +71,8 @@ COLUMNS = (("one_sun", "one sun", "{:.2f}"), ("no_sun", "no sun", "{:.2f}"), ("s
            ("largest_radius", "radius, largest of several", "{:.3f}"),
            ("other_radius", "radius, the others", "{:.3f}"),
            ("others_below_data_min", "others < 0.12", "{:.2f}"),
-           ("distance_to_largest", "distance to the largest", "{:.2f}"))
+           ("distance_to_largest", "distance to the largest", "{:.2f}"),
+           ("at_edge", "sun cut by the edge", "{:.2f}"))
 
 
 def cell_text(cell: dict[str, float], pattern: str) -> str:
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", required=True, help="name=path,... (exported weights)")
     parser.add_argument("--sizes", default="64")
-    parser.add_argument("--variants", default="plain,scaled")
+    parser.add_argument("--scaled", default="", help="models that also get a scaled-attention row (name,...), "
+                        "at the sizes other than their training side")
     parser.add_argument("--num-samples", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--out", type=Path, required=True)
@@ -117,10 +121,12 @@ def main(argv: list[str] | None = None) -> None:
         figure.setdefault("ground truth", {})[str(size)] = truth[:8]
     for name, path in models.items():
         model, _ = load_model(Path(path), torch.device("cpu"))
-        for variant in args.variants.split(","):
-            settings = replace(base, sampling=replace(base.sampling, attention_scaling=VARIANTS[variant]))
-            row = name if variant == "plain" else f"{name} + {variant} attention"
+        for scaled in (False, True) if name in args.scaled.split(",") else (False,):
+            settings = replace(base, sampling=replace(base.sampling, attention_scaling=scaled))
+            row = f"{name} + scaled attention" if scaled else name
             for size in sizes:
+                if scaled and size == model.hparams.train_resolution:
+                    continue  # the same token counts as training: identical to the plain row
                 tick = time.time()
                 images = generate(model, size, size, settings)
                 cells[str(size)][row] = failure_modes(images)

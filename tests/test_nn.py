@@ -30,13 +30,45 @@ def test_crop_grid_holds_exact_normalised_pixel_centres():
 @pytest.mark.parametrize("mode", ["normalized", "pixel"])
 def test_fourier_features_vary_across_a_patch_in_both_coordinate_modes(mode):
     """Integer pixel indices once made every log-spaced feature constant (sin 2π·k·j = 0): never again."""
-    ff = FourierFeatures(num_frequencies=4, max_frequency=8.0)
+    ff = FourierFeatures(num_frequencies=4, max_frequency=8.0, min_frequency=1.0)  # integer: the hard case
     for canvas in (32, 48, 64):
         top = left = (canvas - 32) // 2
         grid = crop_grid(canvas, canvas, top, left, 32, 32, mode=mode, pixel_unit=32)[None]
         features = ff(grid)[0]
         spread = features.flatten(1).std(dim=1).view(2, -1).amax(0)  # per frequency: its sin or its cos varies
         assert (spread > 0.3).all(), f"{mode} at {canvas}: constant frequencies {spread.tolist()}"
+
+
+def _closest_other_column(ff: FourierFeatures, width: int = 64) -> tuple[float, float]:
+    """Over the columns of a width-pixel canvas: the smallest feature distance between two columns at least
+    a quarter canvas apart, and that distance for the columns half a canvas apart (x and x + 1)."""
+    features = ff(canvas_grid(8, width)[None])[0, :, 0].T  # [width, 2F]: one feature vector per column
+    dist = torch.cdist(features, features)
+    far = (torch.arange(width)[:, None] - torch.arange(width)[None]).abs() >= width // 4
+    return float(dist[far].min()), float(dist[torch.arange(width // 2), torch.arange(width // 2) + width // 2].max())
+
+
+def test_fourier_features_tell_every_canvas_position_apart():
+    """From 1 cycle per unit up, every feature repeats with period 1: x and x + 1 (the left and right halves
+    of the canvas, or sky and ground) share all features. The default lowest frequency, 0.25, does not."""
+    legacy = FourierFeatures(num_frequencies=4, max_frequency=8.0, min_frequency=1.0)
+    assert _closest_other_column(legacy)[1] < 1e-2  # the same features half a canvas apart (float error)
+    closest, half = _closest_other_column(FourierFeatures(num_frequencies=4, max_frequency=8.0))
+    assert closest > 0.25 and half > 1.0
+    with pytest.raises(ValueError, match="min_frequency"):
+        FourierFeatures(min_frequency=0.0)
+
+
+def test_fourier_frequencies_travel_with_the_weights_and_old_checkpoints_keep_theirs():
+    new = FourierFeatures(num_frequencies=4, max_frequency=8.0)
+    assert torch.allclose(new.matrix[:4, 0], torch.tensor([0.25, 0.25 * 32 ** (1 / 3), 0.25 * 32 ** (2 / 3), 8.0]))
+    old_style = FourierFeatures(num_frequencies=4, max_frequency=8.0)
+    state = {k: v for k, v in new.state_dict().items() if k != "matrix"}  # a checkpoint from before the setting
+    old_style.load_state_dict(state)
+    assert torch.equal(old_style.matrix[:4, 0], torch.tensor([1.0, 2.0, 4.0, 8.0]))  # its training frequencies
+    reloaded = FourierFeatures(num_frequencies=4, max_frequency=8.0, min_frequency=1.0)
+    reloaded.load_state_dict(new.state_dict())
+    assert torch.equal(reloaded.matrix, new.matrix)  # a saved matrix wins over the configured one
 
 
 def test_full_canvas_spans_minus_one_to_one_and_crops_are_sub_grids():
@@ -55,7 +87,7 @@ def test_average_pooled_grid_is_the_coarser_canvas_grid():
 
 
 def test_fourier_features_values_and_antialiasing():
-    ff = FourierFeatures(num_frequencies=3, max_frequency=4.0, antialias=False)
+    ff = FourierFeatures(num_frequencies=3, max_frequency=4.0, min_frequency=1.0, antialias=False)
     grid = canvas_grid(8, 8)[None]
     out = ff(grid)
     assert out.shape == (1, 12, 8, 8)
@@ -63,7 +95,7 @@ def test_fourier_features_values_and_antialiasing():
     assert torch.allclose(out[0, 1], torch.sin(2 * math.pi * 2 * grid[0, 0]), atol=1e-5)
     assert torch.allclose(out[0, 3], torch.sin(2 * math.pi * grid[0, 1]), atol=1e-5)
     # antialiasing = the feature averaged over each pixel's footprint: compare with a 64×64 supersampled mean
-    damped = FourierFeatures(num_frequencies=3, max_frequency=4.0)(grid)
+    damped = FourierFeatures(num_frequencies=3, max_frequency=4.0, min_frequency=1.0)(grid)
     spacing = 2 / 8
     offsets = (torch.arange(64) + 0.5) / 64 - 0.5  # sub-pixel positions across one footprint
     for channel, (axis, freq) in {0: (0, 1.0), 1: (0, 2.0), 3: (1, 1.0), 4: (1, 2.0)}.items():
@@ -302,3 +334,22 @@ def test_sampling_settings_switch_scaled_attention_on_at_the_training_side_only(
         big = module.sample([0, 1], 32, sampling=plain)
         assert not torch.allclose(module.sample([0, 1], 32, sampling=scaled), big, atol=1e-4)
     assert all(layer.reference_tokens is None for _, layer in net.attention_layers())  # restored after sampling
+
+
+def test_shipped_weights_from_before_the_frequency_floor_keep_their_coordinates_and_their_quality():
+    """models/evidence_cpu_v2 was trained with frequencies 1, 2, 4, 8 and saved without them: it must reload
+    with those, and sampling shows why (the same weights on the new default frequencies lose the sun)."""
+    from pathlib import Path
+
+    from mrdiff.diffusion.samplers import SamplingSettings
+    from mrdiff.evidence import load_model
+    from mrdiff.metrics.structure import sun_counts
+
+    model, _ = load_model(Path(__file__).parents[1] / "models/evidence_cpu_v2/multires.pt", torch.device("cpu"))
+    assert torch.equal(model.net.coords.matrix[:4, 0], torch.tensor([1.0, 2.0, 4.0, 8.0]))
+    sampling = SamplingSettings(steps=25, eta=1.0)
+    with torch.no_grad():
+        own = (sun_counts(model.sample(range(32), 32, sampling=sampling)) == 1).mean()
+        model.net.coords.matrix.copy_(FourierFeatures(num_frequencies=4, max_frequency=8.0).matrix)
+        other = (sun_counts(model.sample(range(32), 32, sampling=sampling)) == 1).mean()
+    assert own >= 0.8 and other <= own - 0.3, (own, other)

@@ -57,6 +57,11 @@ def canvas_grid(height: int, width: int, mode: CoordMode = "normalized", pixel_u
 class FourierFeatures(nn.Module):
     """γ(g) = [sin 2πBg, cos 2πBg] with B log-spaced per axis or Gaussian (Tancik et al. 2020).
 
+    The lowest log-spaced frequency defaults to 0.25 cycles per unit, so the slowest feature has period 4
+    and every point of the [−1, 1] canvas gets its own features. Starting at 1 cycle per unit (mrdiff's
+    old choice) makes every feature periodic with period 1: x and x + 1 look the same, so the network
+    cannot tell the left half of a canvas from the right, or the sky from the ground.
+
     With `antialias`, each feature is replaced by its average over the pixel footprint (a box of the grid
     spacing Δ per axis): sin and cos of 2π b·g are scaled by Π_c sinc(b_c Δ_c), exactly, with sinc(u) =
     sin(πu)/(πu). Frequencies at or above one cycle per pixel on an axis are zeroed instead of flipping
@@ -70,6 +75,7 @@ class FourierFeatures(nn.Module):
         *,
         num_frequencies: int = 6,  # per axis ("log") or in total ("gaussian")
         max_frequency: float = 16.0,  # cycles per grid unit of the highest log-spaced frequency
+        min_frequency: float = 0.25,  # cycles per grid unit of the lowest log-spaced frequency
         basis: Literal["log", "gaussian"] = "log",
         gaussian_std: float = 4.0,  # std of the Gaussian frequencies
         antialias: bool = True,
@@ -79,16 +85,24 @@ class FourierFeatures(nn.Module):
         if num_frequencies < 1:
             raise ValueError(f"num_frequencies must be positive, got {num_frequencies}")
         if basis == "log":
-            freqs = torch.logspace(0, math.log2(max_frequency), num_frequencies, base=2.0)
-            eye = torch.eye(2)
-            matrix = torch.cat([freqs[:, None] * eye[0], freqs[:, None] * eye[1]])  # x rows, then y rows
+            if not 0 < min_frequency <= max_frequency:
+                raise ValueError(f"need 0 < min_frequency <= max_frequency, got {min_frequency} and {max_frequency}")
+            matrix = log_matrix(num_frequencies, min_frequency, max_frequency)
+            self._legacy = log_matrix(num_frequencies, 1.0, max_frequency)
         elif basis == "gaussian":
             gen = torch.Generator().manual_seed(seed)
             matrix = torch.randn(num_frequencies, 2, generator=gen) * gaussian_std
+            self._legacy = matrix
         else:
             raise ValueError(f"unknown Fourier basis {basis!r}: use 'log' or 'gaussian'")
-        self.register_buffer("matrix", matrix, persistent=False)  # [F, 2] cycles per unit
+        self.register_buffer("matrix", matrix)  # [F, 2] cycles per unit; saved, so weights keep their features
         self.antialias = antialias
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # Checkpoints written before the frequencies were saved used min_frequency = 1 (the old fixed start):
+        # they get those frequencies back, whatever this module was configured with.
+        state_dict.setdefault(prefix + "matrix", self._legacy.to(self.matrix))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property
     def out_channels(self) -> int:
@@ -105,6 +119,13 @@ class FourierFeatures(nn.Module):
         per_axis = torch.where(cycles.abs() < 1, torch.sinc(cycles), torch.zeros_like(cycles))
         damp = per_axis.prod(-1).repeat(1, 2)  # [B, 2F]: the same factor for sin and cos
         return features * damp[:, :, None, None]
+
+
+def log_matrix(num: int, low: float, high: float) -> Tensor:
+    """[2·num, 2] frequencies: num log-spaced from low to high on x, then the same on y."""
+    freqs = torch.logspace(math.log2(low), math.log2(high), num, base=2.0)
+    eye = torch.eye(2)
+    return torch.cat([freqs[:, None] * eye[0], freqs[:, None] * eye[1]])  # x rows, then y rows
 
 
 def grid_spacing(grid: Tensor) -> Tensor:
