@@ -73,13 +73,17 @@ def train(args: list[str], run: Path) -> Path:
     return run / "checkpoints" / "last.ckpt"
 
 
+FP32_KEYS = ("coords.matrix",)  # constants the features are computed from: fp16 would move the frequencies
+
+
 def export(ckpt_path: Path, out: Path, command: str, wall_seconds: float | None) -> Path:
     """fp16 EMA weights plus the U-Net and module settings: a few MB that rebuild the model anywhere."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     config = yaml.safe_load((ckpt_path.parent.parent / "config.yaml").read_text())
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k not in ("net", "_instantiator", "init_weights")}
     payload = {
-        "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()},
+        "state_dict": {k: v.half() if v.is_floating_point() and not k.endswith(FP32_KEYS) else v
+                       for k, v in ckpt["state_dict"].items()},
         "net": config["model"]["net"]["init_args"], "module": hparams, "data": config["data"],
         "global_step": ckpt["global_step"], "command": command, "train_seconds": wall_seconds,
     }

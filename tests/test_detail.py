@@ -133,3 +133,28 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     markdown = (out / "table.md").read_text()
     assert "DPM-Solver++(2M)-2" in markdown and "**Samplers at R" in markdown and (out / "samples.png").is_file()
     assert cells["ground truth"]["32"]["spectrum_distance"] > 0  # other renders than the reference set
+
+
+def test_export_halves_the_weights_but_keeps_the_fourier_frequencies_exact(tmp_path):
+    import yaml
+
+    from mrdiff.evidence import export, load_model
+    from mrdiff.module import DiffusionModule
+    from mrdiff.nn.unet import UNet
+
+    net_args = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [],
+                "coord_frequencies": 4, "coord_max_frequency": 8.0, "safa_levels": [1], "scale_ref": 16.0}
+    module = DiffusionModule(UNet(**net_args), train_resolution=16, train_scales=[16, 32])
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"net": {"init_args": net_args}}, "data": {}}))
+    torch.save({"state_dict": module.state_dict(), "global_step": 3,
+                "hyper_parameters": {"train_resolution": 16, "train_scales": [16, 32]}},
+               run / "checkpoints" / "last.ckpt")
+    export(run / "checkpoints" / "last.ckpt", tmp_path / "m.pt", "test", 1.0)
+    payload = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert payload["state_dict"]["net.stem.weight"].dtype == torch.float16
+    loaded, _ = load_model(tmp_path / "m.pt", torch.device("cpu"))
+    frequencies = loaded.net.coords.matrix[:4, 0]
+    assert torch.equal(frequencies, module.net.coords.matrix[:4, 0])  # 0.25 … 8 exactly, not fp16-rounded
+    assert float(frequencies[1]) != float(frequencies[1].half())  # a frequency fp16 would have moved
