@@ -134,3 +134,26 @@ def test_batches_do_not_depend_on_the_number_of_workers(source, tmp_path):
         for key in plain:
             assert torch.equal(plain[key], parallel[key]), key
     assert not torch.equal(batches[0][0]["image"], batches[0][1]["image"])  # and the batches do differ
+
+
+def test_a_share_of_batches_holds_whole_canvases_at_the_listed_sides():
+    sampler = PatchSampler(s_min=32, s_max=64, patch_size=32, canvas_fraction=0.25, canvas_sizes=(48, 64))
+    collate = PatchCollate(sampler, size=64)
+    sides = []
+    for b in range(400):
+        items = [(10_000 * b + i, sample_scene(i)) for i in range(2)]
+        side = sampler.draw_canvas(torch.Generator().manual_seed(items[0][0] + 2))
+        sides.append(side)
+        if side is None or b % 20:
+            continue
+        batch = collate(items)  # a whole canvas: the ground-truth render, the canvas grid, one scale
+        assert torch.allclose(batch["image"][1], render_canvas(items[1][1], side, side), atol=1e-6)
+        assert torch.equal(batch["grid"][0], canvas_grid(side, side)) and batch["scale"].tolist() == [float(side)]
+    share = sum(s is not None for s in sides) / len(sides)
+    assert abs(share - 0.25) < 1.96 * (0.25 * 0.75 / 400) ** 0.5 * 1.5  # binomial: 0.25 ± 0.064
+    assert {s for s in sides if s is not None} == {48, 64}
+    assert PatchCollate(PatchSampler(32, 64, 32), size=64)(items)["image"].shape[-1] == 32  # default: patches
+    with pytest.raises(ValueError, match="canvas_sizes"):
+        PatchSampler(32, 64, 32, canvas_fraction=0.5)
+    with pytest.raises(ValueError, match="lie in"):
+        PatchSampler(32, 64, 32, canvas_fraction=0.5, canvas_sizes=(96,))

@@ -51,6 +51,9 @@ class MultiResDataModule(L.LightningDataModule):
         s_max: Largest side an image is rescaled to.
         patch_size: Side of the training patches.
         p_min: Probability of rescaling to exactly s_min (otherwise s ~ U{s_min, ..., s_max}).
+        canvas_fraction: Share of training batches made of whole canvases instead of patches (README,
+            "Results"): the only way the loss sees a layout constraint wider than a patch. 0: the paper's recipe.
+        canvas_sizes: Sides of those whole canvases, in [s_min, s_max] and divisible by the U-Net's factor.
         per_batch_scale: Draw one scale per batch instead of one per sample.
         coord_mode: Coordinates normalised to the canvas ([-1, 1]), or in units of patch_size pixels.
         batch_size: Per device.
@@ -75,6 +78,8 @@ class MultiResDataModule(L.LightningDataModule):
         s_max: int = 64,
         patch_size: int = 32,
         p_min: float = 0.5,
+        canvas_fraction: float = 0.0,
+        canvas_sizes: list[int] | None = None,
         per_batch_scale: bool = False,
         coord_mode: CoordMode = "normalized",
         batch_size: int = 32,
@@ -93,7 +98,8 @@ class MultiResDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name} must be positive, got {getattr(self.hparams, name)}")
         if train_size is not None and train_size <= 0:
             raise ValueError(f"data.train_size must be positive, got {train_size}")
-        self.sampler = PatchSampler(s_min, s_max, patch_size, p_min, coord_mode) if multires else None
+        self.sampler = PatchSampler(s_min, s_max, patch_size, p_min, coord_mode, canvas_fraction,
+                                    tuple(canvas_sizes or ())) if multires else None
         if multires and image_size < s_max and source != "synthetic":
             raise ValueError(f"image_size {image_size} < s_max {s_max}: images would be upscaled to s_max; "
                              f"set data.image_size >= data.s_max")

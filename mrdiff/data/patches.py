@@ -2,7 +2,9 @@
 
 Per image: with probability p_min the image is rescaled to s_min, otherwise to s ~ U{s_min, …, s_max};
 a patch_size² patch is cropped at a uniformly random position, and its grid holds the coordinates of
-its pixels inside the rescaled image (mrdiff.nn.coords). Synthetic scenes are rendered directly at
+its pixels inside the rescaled image (mrdiff.nn.coords). Optionally (canvas_fraction, an mrdiff addition
+beyond the paper) a share of the batches holds whole canvases at sides above patch_size instead, so the
+loss also sees layouts that no single patch contains (one sun per canvas). Synthetic scenes are rendered directly at
 the drawn scale (no resampling loss); images are resized with antialiasing.
 """
 
@@ -29,6 +31,8 @@ class PatchSampler:
     patch_size: int
     p_min: float = 0.5  # probability of rescaling to exactly s_min
     coord_mode: CoordMode = "normalized"
+    canvas_fraction: float = 0.0  # share of batches made of whole canvases at one of canvas_sizes
+    canvas_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if min(self.s_min, self.s_max, self.patch_size) <= 0:
@@ -41,6 +45,21 @@ class PatchSampler:
             )
         if not 0 <= self.p_min <= 1:
             raise ValueError(f"p_min is a probability, got {self.p_min}")
+        if not 0 <= self.canvas_fraction <= 1:
+            raise ValueError(f"canvas_fraction is a probability, got {self.canvas_fraction}")
+        if self.canvas_fraction > 0 and not self.canvas_sizes:
+            raise ValueError("canvas_fraction > 0 needs canvas_sizes: the sides of the whole-canvas batches")
+        if any(not self.s_min <= side <= self.s_max for side in self.canvas_sizes):
+            raise ValueError(f"canvas_sizes {list(self.canvas_sizes)} must lie in [s_min, s_max] = "
+                             f"[{self.s_min}, {self.s_max}]")
+
+    def draw_canvas(self, generator: torch.Generator | None = None) -> int | None:
+        """The side of a whole-canvas batch with probability canvas_fraction (uniform over canvas_sizes),
+        else None: a batch of patches."""
+        u = torch.rand(2, generator=generator)
+        if u[0] >= self.canvas_fraction:
+            return None
+        return self.canvas_sizes[min(int(u[1] * len(self.canvas_sizes)), len(self.canvas_sizes) - 1)]
 
     def draw_scale(self, generator: torch.Generator | None = None) -> int:
         """s_min with probability p_min, else uniform on the integers s_min … s_max."""
@@ -107,6 +126,9 @@ class PatchCollate:
             grid = crop_grid(self.size, self.size, 0, 0, self.size, self.size, self.coord_mode, pixel_unit=self.size)
             return {"image": images, "grid": grid.expand(len(items), -1, -1, -1).contiguous(),
                     "scale": torch.full((1,), float(self.size))}
+        side = self.sampler.draw_canvas(_generator(seeds[0] + 2)) if self.sampler.canvas_fraction else None
+        if side is not None:  # a batch of whole canvases: the loss sees a layout larger than one patch
+            return PatchCollate(None, size=side, coord_mode=self.coord_mode)(batch)
         shared = self.sampler.draw_scale(_generator(seeds[0] + 1)) if self.per_batch_scale else None
         patches, grids, scales = [], [], []
         for seed, item in zip(seeds, items):
