@@ -143,7 +143,8 @@ def test_export_halves_the_weights_but_keeps_the_fourier_frequencies_exact(tmp_p
     from mrdiff.nn.unet import UNet
 
     net_args = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [],
-                "coord_frequencies": 4, "coord_max_frequency": 8.0, "safa_levels": [1], "scale_ref": 16.0}
+                "coord_frequencies": 4, "coord_max_frequency": 8.0, "coord_min_frequency": 0.25, "safa_levels": [1],
+                "scale_ref": 16.0}
     module = DiffusionModule(UNet(**net_args), train_resolution=16, train_scales=[16, 32])
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

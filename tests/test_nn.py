@@ -30,7 +30,7 @@ def test_crop_grid_holds_exact_normalised_pixel_centres():
 @pytest.mark.parametrize("mode", ["normalized", "pixel"])
 def test_fourier_features_vary_across_a_patch_in_both_coordinate_modes(mode):
     """Integer pixel indices once made every log-spaced feature constant (sin 2π·k·j = 0): never again."""
-    ff = FourierFeatures(num_frequencies=4, max_frequency=8.0, min_frequency=1.0)  # integer: the hard case
+    ff = FourierFeatures(num_frequencies=4, max_frequency=8.0)  # integer frequencies: the hard case
     for canvas in (32, 48, 64):
         top = left = (canvas - 32) // 2
         grid = crop_grid(canvas, canvas, top, left, 32, 32, mode=mode, pixel_unit=32)[None]
@@ -49,20 +49,20 @@ def _closest_other_column(ff: FourierFeatures, width: int = 64) -> tuple[float, 
 
 
 def test_fourier_features_tell_every_canvas_position_apart():
-    """From 1 cycle per unit up, every feature repeats with period 1: x and x + 1 (the left and right halves
-    of the canvas, or sky and ground) share all features. The default lowest frequency, 0.25, does not."""
-    legacy = FourierFeatures(num_frequencies=4, max_frequency=8.0, min_frequency=1.0)
-    assert _closest_other_column(legacy)[1] < 1e-2  # the same features half a canvas apart (float error)
-    closest, half = _closest_other_column(FourierFeatures(num_frequencies=4, max_frequency=8.0))
+    """From 1 cycle per unit up (the default), integer frequencies repeat with period 1: x and x + 1 (the left
+    and right halves of the canvas, or sky and ground) share all features. A floor of 0.25 does not."""
+    default = FourierFeatures(num_frequencies=4, max_frequency=8.0)
+    assert _closest_other_column(default)[1] < 1e-2  # the same features half a canvas apart (float error)
+    closest, half = _closest_other_column(FourierFeatures(num_frequencies=4, max_frequency=8.0, min_frequency=0.25))
     assert closest > 0.25 and half > 1.0
     with pytest.raises(ValueError, match="min_frequency"):
         FourierFeatures(min_frequency=0.0)
 
 
 def test_fourier_frequencies_travel_with_the_weights_and_old_checkpoints_keep_theirs():
-    new = FourierFeatures(num_frequencies=4, max_frequency=8.0)
+    new = FourierFeatures(num_frequencies=4, max_frequency=8.0, min_frequency=0.25)
     assert torch.allclose(new.matrix[:4, 0], torch.tensor([0.25, 0.25 * 32 ** (1 / 3), 0.25 * 32 ** (2 / 3), 8.0]))
-    old_style = FourierFeatures(num_frequencies=4, max_frequency=8.0)
+    old_style = FourierFeatures(num_frequencies=4, max_frequency=8.0, min_frequency=0.25)
     state = {k: v for k, v in new.state_dict().items() if k != "matrix"}  # a checkpoint from before the setting
     old_style.load_state_dict(state)
     assert torch.equal(old_style.matrix[:4, 0], torch.tensor([1.0, 2.0, 4.0, 8.0]))  # its training frequencies
@@ -338,7 +338,7 @@ def test_sampling_settings_switch_scaled_attention_on_at_the_training_side_only(
 
 def test_shipped_weights_from_before_the_frequency_floor_keep_their_coordinates_and_their_quality():
     """models/evidence_cpu_v2 was trained with frequencies 1, 2, 4, 8 and saved without them: it must reload
-    with those, and sampling shows why (the same weights on the new default frequencies lose the sun)."""
+    with those, and sampling shows why (the same weights on other frequencies lose the sun)."""
     from pathlib import Path
 
     from mrdiff.diffusion.samplers import SamplingSettings
@@ -350,6 +350,6 @@ def test_shipped_weights_from_before_the_frequency_floor_keep_their_coordinates_
     sampling = SamplingSettings(steps=25, eta=1.0)
     with torch.no_grad():
         own = (sun_counts(model.sample(range(32), 32, sampling=sampling)) == 1).mean()
-        model.net.coords.matrix.copy_(FourierFeatures(num_frequencies=4, max_frequency=8.0).matrix)
+        model.net.coords.matrix.copy_(FourierFeatures(num_frequencies=4, max_frequency=8.0, min_frequency=0.25).matrix)
         other = (sun_counts(model.sample(range(32), 32, sampling=sampling)) == 1).mean()
     assert own >= 0.8 and other <= own - 0.3, (own, other)

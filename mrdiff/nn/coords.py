@@ -57,10 +57,11 @@ def canvas_grid(height: int, width: int, mode: CoordMode = "normalized", pixel_u
 class FourierFeatures(nn.Module):
     """γ(g) = [sin 2πBg, cos 2πBg] with B log-spaced per axis or Gaussian (Tancik et al. 2020).
 
-    The lowest log-spaced frequency defaults to 0.25 cycles per unit, so the slowest feature has period 4
-    and every point of the [−1, 1] canvas gets its own features. Starting at 1 cycle per unit (mrdiff's
-    old choice) makes every feature periodic with period 1: x and x + 1 look the same, so the network
-    cannot tell the left half of a canvas from the right, or the sky from the ground.
+    The log-spaced frequencies run from min_frequency to max_frequency. With the default start of 1 cycle
+    per unit and integer frequencies (1, 2, 4, 8), every feature has period 1: x and x + 1, the left and
+    right halves of a [−1, 1] canvas, share all features. min_frequency < 0.5 gives every canvas point its
+    own features; the README's "Results" reports what that changed on the synthetic scenes (a mixed result,
+    which is why the default stays at 1).
 
     With `antialias`, each feature is replaced by its average over the pixel footprint (a box of the grid
     spacing Δ per axis): sin and cos of 2π b·g are scaled by Π_c sinc(b_c Δ_c), exactly, with sinc(u) =
@@ -75,7 +76,7 @@ class FourierFeatures(nn.Module):
         *,
         num_frequencies: int = 6,  # per axis ("log") or in total ("gaussian")
         max_frequency: float = 16.0,  # cycles per grid unit of the highest log-spaced frequency
-        min_frequency: float = 0.25,  # cycles per grid unit of the lowest log-spaced frequency
+        min_frequency: float = 1.0,  # cycles per grid unit of the lowest log-spaced frequency
         basis: Literal["log", "gaussian"] = "log",
         gaussian_std: float = 4.0,  # std of the Gaussian frequencies
         antialias: bool = True,
@@ -99,8 +100,8 @@ class FourierFeatures(nn.Module):
         self.antialias = antialias
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
-        # Checkpoints written before the frequencies were saved used min_frequency = 1 (the old fixed start):
-        # they get those frequencies back, whatever this module was configured with.
+        # Checkpoints written before the frequencies were saved used min_frequency = 1 (then fixed): they get
+        # those frequencies back, whatever this module was configured with.
         state_dict.setdefault(prefix + "matrix", self._legacy.to(self.matrix))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
