@@ -363,7 +363,9 @@ def test_an_interrupted_sample_leaves_no_partial_grid_and_one_line(run, tmp_path
          f"--ckpt_path={run}/checkpoints/last.ckpt", "--resolutions=[32]", "--num_samples=64", "--steps=100",
          f"--out_dir={tmp_path / 'out'}"],
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # a suite started in the background (`nohup pytest &`) hands SIGINT down as ignored: undo that here
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stderr:  # the progress bar shows that sampling has begun (64 samples outlast a busy CPU)
         if "DDIM-100" in line:
             break
