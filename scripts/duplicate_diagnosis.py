@@ -25,16 +25,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrdiff.data.synthetic import SUN_RADIUS_RANGE
+from mrdiff.data.synthetic import CANVAS_MARGIN, SUN_RADIUS_RANGE
 from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.evidence import Settings, generate, load_model, references, save_figure
 from mrdiff.metrics.detail import bootstrap_interval, wilson_interval
 from mrdiff.metrics.structure import detect_suns
 
-EDGE = 0.97  # a data sun's disk stays inside ±0.95 (CANVAS_MARGIN): one reaching past this is cut by the edge
+EDGE = CANVAS_MARGIN + 0.02  # a data sun's disk stays inside ±CANVAS_MARGIN: one reaching past this is cut
 
 
 def rate(flags: np.ndarray) -> dict[str, float]:
+    if len(flags) == 0:
+        return mean([])
     lo, hi = wilson_interval(int(flags.sum()), len(flags))
     return {"value": float(flags.mean()), "lo": lo, "hi": hi, "n": len(flags)}
 
@@ -60,7 +62,7 @@ def failure_modes(images: torch.Tensor) -> dict[str, dict[str, float]]:
         "single_radius": mean([s[0].radius for s in suns if len(s) == 1]),
         "largest_radius": mean([s[0].radius for s in several]),
         "other_radius": mean(others),
-        "others_below_data_min": rate(np.array(others) < SUN_RADIUS_RANGE[0]) if others else mean([]),
+        "others_below_data_min": rate(np.array(others) < SUN_RADIUS_RANGE[0]),
         "distance_to_largest": mean(distances),
         "at_edge": rate(np.array([any(max(map(abs, sun.center)) + sun.radius > EDGE for sun in s) for s in suns])),
     }

@@ -145,3 +145,32 @@ def test_reference_radii_are_ground_truth() -> None:
     """Reference radii come from the scene sampler."""
     radii = reference_radii(10, seed=3)
     assert radii == [sample_scene(3 + i).sun_radius for i in range(10)]
+
+
+def test_duplicate_diagnosis_splits_one_sun_from_an_added_small_sun():
+    """scripts/duplicate_diagnosis.py: ground truth counts one sun each; pasting a second scene's smaller
+    sun into a canvas counts as 'several', with the small one as the other sun."""
+    import importlib.util
+    from pathlib import Path
+
+    from mrdiff.data.synthetic import render_canvas, sample_scene
+    from mrdiff.metrics.structure import sun_mask
+
+    path = Path(__file__).parents[1] / "scripts" / "duplicate_diagnosis.py"
+    spec = importlib.util.spec_from_file_location("duplicate_diagnosis", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    scenes = [sample_scene(i) for i in range(40)]
+    truth = torch.stack([render_canvas(s, 64, 64) for s in scenes])
+    modes = script.failure_modes(truth)
+    assert modes["one_sun"]["value"] == 1.0 and modes["at_edge"]["value"] == 0.0
+    assert modes["several_suns"]["n"] == 40 and modes["other_radius"]["n"] == 0  # no others: an empty cell
+    big = max(range(40), key=lambda i: scenes[i].sun_radius)
+    gap = [math.dist(scenes[big].sun_center, s.sun_center) - scenes[big].sun_radius - s.sun_radius for s in scenes]
+    apart = [i for i in range(40) if gap[i] > 0.1]  # disks clear of the big one's: two separate suns
+    small = min(apart, key=lambda i: scenes[i].sun_radius)
+    composite = torch.where(sun_mask(truth[small : small + 1])[:, None], truth[small : small + 1], truth[big : big + 1])
+    two = script.failure_modes(composite)
+    assert two["several_suns"]["value"] == 1.0 and two["suns_per_image"]["value"] == 2.0
+    assert two["other_radius"]["value"] == pytest.approx(scenes[small].sun_radius, abs=0.02)
+    assert two["largest_radius"]["value"] == pytest.approx(scenes[big].sun_radius, abs=0.02)

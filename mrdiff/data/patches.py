@@ -122,13 +122,10 @@ class PatchCollate:
     def __call__(self, batch: Sequence[tuple[int, Any]]) -> dict[str, Tensor]:
         seeds, items = zip(*batch)
         if self.sampler is None:
-            images = torch.stack([prepare_full(it, self.size, self.size) for it in items])
-            grid = crop_grid(self.size, self.size, 0, 0, self.size, self.size, self.coord_mode, pixel_unit=self.size)
-            return {"image": images, "grid": grid.expand(len(items), -1, -1, -1).contiguous(),
-                    "scale": torch.full((1,), float(self.size))}
-        side = self.sampler.draw_canvas(_generator(seeds[0] + 2)) if self.sampler.canvas_fraction else None
+            return self.whole(items, self.size)
+        side = self.sampler.draw_canvas(_generator(seeds[0] + 2))
         if side is not None:  # a batch of whole canvases: the loss sees a layout larger than one patch
-            return PatchCollate(None, size=side, coord_mode=self.coord_mode)(batch)
+            return self.whole(items, side)
         shared = self.sampler.draw_scale(_generator(seeds[0] + 1)) if self.per_batch_scale else None
         patches, grids, scales = [], [], []
         for seed, item in zip(seeds, items):
@@ -141,6 +138,14 @@ class PatchCollate:
             scales.append(float(scale))
         scale_t = torch.tensor(scales[:1] if shared is not None else scales)
         return {"image": torch.stack(patches), "grid": torch.stack(grids), "scale": scale_t}
+
+
+    def whole(self, items: Sequence[Any], side: int) -> dict[str, Tensor]:
+        """Every item whole at side², with the canvas grid and one shared scale."""
+        images = torch.stack([prepare_full(it, side, side) for it in items])
+        grid = crop_grid(side, side, 0, 0, side, side, self.coord_mode, pixel_unit=side)
+        return {"image": images, "grid": grid.expand(len(items), -1, -1, -1).contiguous(),
+                "scale": torch.full((1,), float(side))}
 
 
 def _generator(seed: int) -> torch.Generator:
