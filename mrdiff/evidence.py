@@ -48,8 +48,6 @@ from mrdiff.utils import atomic_write
 
 VARIANTS = ("plain", "noiseshift", "analytic")
 MODELS = ("fixed", "multires", "no_coords", "no_safa", "pixel")
-LABELS = {"fixed": "fixed-resolution DDPM", "multires": "multi-resolution (coords + SAFA)",
-          "no_coords": "multi-res, no coordinates", "no_safa": "multi-res, no SAFA", "pixel": "multi-res, pixel coords"}
 CONFIGS = Path("configs/evidence")
 HELD_OUT_SEED = 10**7  # scenes for references and calibration: never in the training set (seeds < 10^6)
 T_BUCKETS = ((0, 100), (100, 300), (300, 600), (600, 900), (900, 1000))
@@ -403,7 +401,9 @@ def write_report(result: dict, out: Path) -> None:
 # -- command ------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mrdiff.evidence", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated subset of " + ", ".join(MODELS) + "; LABEL=PATH adds exported weights "
+                        "outside the matrix as row LABEL (e.g. a fine-tune), never trained here")
     p.add_argument("--weights", default="models/evidence", help="exported weights (<name>.pt), read or written")
     p.add_argument("--train", action="store_true", help="train the models whose weights are missing")
     p.add_argument("--runs", default="runs/evidence", help="run dirs of the fits --train starts")
@@ -436,10 +436,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.time()
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    entries = [n.strip() for n in args.models.split(",") if n.strip()]
+    extra = dict(e.split("=", 1) for e in entries if "=" in e)
+    names = [e for e in entries if "=" not in e]
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
-        raise SystemExit(f"mrdiff: error: unknown evidence models {unknown}: choose from {', '.join(MODELS)}")
+        raise SystemExit(f"mrdiff: error: unknown evidence models {unknown}: choose from {', '.join(MODELS)}, "
+                         f"or name exported weights as LABEL=PATH")
+    clashes = sorted(set(extra) & set(MODELS) | {n for n in extra if not n})
+    if clashes or len(extra) != sum("=" in e for e in entries):
+        raise SystemExit(f"mrdiff: error: --models {args.models}: each LABEL=PATH needs its own non-empty label "
+                         f"outside {', '.join(MODELS)}")
+    missing = [f"{n}={p}" for n, p in extra.items() if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"mrdiff: error: no weights at {', '.join(missing)}: point LABEL=PATH at a file "
+                         f"written by mrdiff.evidence.export")
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if set(variants) - set(VARIANTS):
         raise SystemExit(f"mrdiff: error: unknown --variants {sorted(set(variants) - set(VARIANTS))}: "
@@ -463,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         fit = fit_args(name, Path(args.runs), args.overlay, shlex.split(args.fit_args))
         ckpt = train(fit, Path(args.runs) / name)
         export(ckpt, path, "mrdiff " + shlex.join(fit), time.time() - run_start)
+    weights.update({n: Path(p) for n, p in extra.items()})
     device = torch.device(args.device)
     settings = Settings(resolutions=resolutions,
                         num_samples=args.num_samples, sampling=SamplingSettings(args.sampler, args.steps, args.eta),

@@ -82,6 +82,9 @@ def test_evidence_never_overwrites_an_earlier_report(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--variants", "plain,noiseshfit"], "unknown --variants ['noiseshfit']"),
     (["--resolutions", "24,32", "--shifted-at", "64"], "--shifted-at 64 names resolutions outside --resolutions"),
+    (["--models", "fixed,tuned=nowhere.pt"], "no weights at tuned=nowhere.pt"),
+    (["--models", "fixed=nowhere.pt"], "needs its own non-empty label outside fixed"),
+    (["--models", "a=x.pt,a=y.pt"], "needs its own non-empty label"),
 ])
 def test_evidence_rejects_rows_it_cannot_sample_before_any_work(tmp_path, args, message):
     from mrdiff.evidence import main
@@ -114,14 +117,19 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
                     "module": {"train_resolution": 16, "train_scales": [16, 32]}, "data": {}, "global_step": 7,
                     "command": "test", "train_seconds": 1.0}, tmp_path / f"{name}.pt")
     out = tmp_path / "report"
-    main(["--models", "fixed,multires", "--weights", str(tmp_path), "--out", str(out), "--resolutions", "16,32",
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "tuned.pt").write_bytes((tmp_path / "multires.pt").read_bytes())
+    main(["--models", f"fixed,multires,tuned={tmp_path / 'elsewhere' / 'tuned.pt'}", "--weights", str(tmp_path), "--out", str(out), "--resolutions", "16,32",
           "--num-samples", "4", "--batch-size", "4", "--sampler", "dpmpp_2m", "--steps", "2", "--variants",
           "plain,analytic", "--shifted-at", "32", "--num-reference", "8", "--sampler-check", "2", "--device", "cpu",
           "--eta", "1"])
     report = json.loads((out / "table.json").read_text())
     cells = report["cells"]
     assert set(cells) == {"ground truth", "fixed", "fixed + analytic", "multires", "multires + analytic",
-                          "fixed + upsample"}
+                          "fixed + upsample", "tuned", "tuned + analytic"}
+    for key in ("16", "32"):  # a LABEL=PATH row: the same weights on the same seeds give the same cell
+        assert cells["tuned"][key]["one_sun_rate"] == cells["multires"][key]["one_sun_rate"]
+        assert cells["tuned"][key]["spectrum_distance"] == pytest.approx(cells["multires"][key]["spectrum_distance"])
     assert set(cells["fixed + upsample"]) == {"32"} and set(cells["fixed"]) == {"16", "32"}
     assert set(cells["fixed + analytic"]) == set(cells["multires + analytic"]) == {"32"}  # --shifted-at 32
     assert report["meta"]["sampler"] == "dpmpp_2m" and report["diagnostics"]["fixed"]["global_step"] == 7
