@@ -117,10 +117,11 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
                     "module": {"train_resolution": 16, "train_scales": [16, 32]}, "data": {}, "global_step": 7,
                     "command": "test", "train_seconds": 1.0}, tmp_path / f"{name}.pt")
     out = tmp_path / "report"
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "tuned.pt").write_bytes((tmp_path / "multires.pt").read_bytes())
-    main(["--models", f"fixed,multires,tuned={tmp_path / 'elsewhere' / 'tuned.pt'}", "--weights", str(tmp_path), "--out", str(out), "--resolutions", "16,32",
-          "--num-samples", "4", "--batch-size", "4", "--sampler", "dpmpp_2m", "--steps", "2", "--variants",
+    tuned = tmp_path / "elsewhere" / "tuned.pt"  # a LABEL=PATH row: the multires weights under another name
+    tuned.parent.mkdir()
+    tuned.write_bytes((tmp_path / "multires.pt").read_bytes())
+    main(["--models", f"fixed,multires,tuned={tuned}", "--weights", str(tmp_path), "--out", str(out),
+          "--resolutions", "16,32", "--num-samples", "4", "--batch-size", "4", "--sampler", "dpmpp_2m", "--steps", "2", "--variants",
           "plain,analytic", "--shifted-at", "32", "--num-reference", "8", "--sampler-check", "2", "--device", "cpu",
           "--eta", "1"])
     report = json.loads((out / "table.json").read_text())
