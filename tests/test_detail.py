@@ -122,8 +122,8 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     tuned.write_bytes((tmp_path / "multires.pt").read_bytes())
     main(["--models", f"fixed,multires,tuned={tuned}", "--weights", str(tmp_path), "--out", str(out),
           "--resolutions", "16,32", "--num-samples", "4", "--batch-size", "4", "--sampler", "dpmpp_2m",
-          "--steps", "2", "--variants", "plain,analytic", "--shifted-at", "32", "--num-reference", "8", "--sampler-check", "2", "--device", "cpu",
-          "--eta", "1"])
+          "--steps", "2", "--variants", "plain,analytic", "--shifted-at", "32", "--num-reference", "8",
+          "--sampler-check", "2", "--device", "cpu", "--eta", "1"])
     report = json.loads((out / "table.json").read_text())
     cells = report["cells"]
     assert set(cells) == {"ground truth", "fixed", "fixed + analytic", "multires", "multires + analytic",
