@@ -4,7 +4,8 @@
 
 Models (configs/evidence/<name>.yaml over configs/evidence/base.yaml, base resolution R = 32): a
 fixed-resolution DDPM trained on whole scenes at R, the multi-resolution model (R² patches of scenes
-rendered at s ∈ {R} ∪ U[R, 2R], coordinates + SAFA) and its ablations. Each trained model is exported as
+rendered at s ∈ {R} ∪ U[R, 2R], coordinates + SAFA), the same with a quarter of the batches whole 2R
+canvases ("canvases", an mrdiff addition) and the ablations. Each trained model is exported as
 fp16 EMA weights with what is needed to rebuild it (`models/evidence/<name>.pt`); existing exports are
 reused, so evaluation alone needs no training.
 
@@ -47,7 +48,7 @@ from mrdiff.resolution import parse_resolution, resolution_key
 from mrdiff.utils import atomic_write
 
 VARIANTS = ("plain", "noiseshift", "analytic")
-MODELS = ("fixed", "multires", "no_coords", "no_safa", "pixel")
+MODELS = ("fixed", "multires", "canvases", "no_coords", "no_safa", "pixel")
 CONFIGS = Path("configs/evidence")
 HELD_OUT_SEED = 10**7  # scenes for references and calibration: never in the training set (seeds < 10^6)
 T_BUCKETS = ((0, 100), (100, 300), (300, 600), (600, 900), (900, 1000))

@@ -45,7 +45,7 @@ def test_every_config_instantiates(config, monkeypatch, tmp_path):
         cli.model.net.check_size(side, side)
 
 
-@pytest.mark.parametrize("model", ["fixed", "multires", "no_coords", "no_safa", "pixel"])
+@pytest.mark.parametrize("model", ["fixed", "multires", "canvases", "no_coords", "no_safa", "pixel"])
 def test_evidence_matrix_configs_build_the_model_they_name(model):
     base, overlay = ROOT / "configs/evidence/base.yaml", ROOT / f"configs/evidence/{model}.yaml"
     cli = MrdiffCLI(args=["--config", str(base), "--config", str(overlay), "--trainer.logger=false"], run=False)
@@ -55,6 +55,7 @@ def test_evidence_matrix_configs_build_the_model_they_name(model):
     assert data.multires == (model != "fixed") and data.coord_mode == ("pixel" if model == "pixel" else "normalized")
     assert cli.model.hparams.train_scales == ([32, 32] if model == "fixed" else [32, 64])
     assert cli.model.hparams.train_resolution == 32
+    assert (data.canvas_fraction, data.canvas_sizes) == ((0.25, [64]) if model == "canvases" else (0.0, None))
 
 
 @pytest.mark.parametrize(("model", "params"), [("fixed", 0.28e6), ("multires", 0.51e6)])  # as cpu.yaml says
