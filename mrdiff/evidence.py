@@ -368,15 +368,22 @@ def save_figure(figure: dict[str, dict[str, torch.Tensor]], columns: list[str], 
     from torchvision.utils import make_grid
 
     rows = list(figure)
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(3.2 * len(columns), 1.1 * len(rows) + 0.6),
-                             squeeze=False)
+    strips = {(row, col): make_grid(images * 0.5 + 0.5, nrow=len(images), padding=1, pad_value=1)
+              for row, cells in figure.items() for col, images in cells.items()}
+    # every sample at twice its pixel size (dpi 110): a 64² strip of 8 stays legible instead of being shrunk
+    # to a fixed cell width; widths and heights follow the largest strip of each column and row
+    inch = 2 / 110
+    widths = [max([strips[r, c].shape[2] for r in rows if (r, c) in strips], default=32) * inch for c in columns]
+    heights = [max([strips[r, c].shape[1] for c in columns if (r, c) in strips], default=32) * inch for r in rows]
+    fig, axes = plt.subplots(len(rows), len(columns), squeeze=False,
+                             figsize=(sum(widths) + 0.25 * len(columns) + 1.4, sum(heights) + 0.3 * len(rows) + 0.4),
+                             gridspec_kw={"width_ratios": widths, "height_ratios": heights})
     for i, row in enumerate(rows):
         for j, col in enumerate(columns):
             ax = axes[i][j]
             ax.set_xticks([]), ax.set_yticks([])
-            if col in figure[row]:
-                strip = make_grid(figure[row][col] * 0.5 + 0.5, nrow=len(figure[row][col]), padding=1, pad_value=1)
-                ax.imshow(strip.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            if (row, col) in strips:
+                ax.imshow(strips[row, col].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
             else:
                 for spine in ax.spines.values():
                     spine.set_visible(False)

@@ -168,3 +168,19 @@ def test_export_halves_the_weights_but_keeps_the_fourier_frequencies_exact(tmp_p
     frequencies = loaded.net.coords.matrix[:4, 0]
     assert torch.equal(frequencies, module.net.coords.matrix[:4, 0])  # 0.25 … 8 exactly, not fp16-rounded
     assert float(frequencies[1]) != float(frequencies[1].half())  # a frequency fp16 would have moved
+
+
+def test_report_figure_shows_samples_at_twice_their_pixel_size(tmp_path):
+    """A strip of eight 64² samples is 8 · 65 + 1 = 521 px wide and eight 32² samples 265 px: drawn at 2×,
+    the figures differ by 512 px in width and 64 px in height, whatever the layout around them."""
+    from PIL import Image
+
+    from mrdiff.evidence import save_figure
+
+    sizes = {}
+    for side in (32, 64):
+        path = tmp_path / f"{side}.png"
+        save_figure({"model": {"c": torch.zeros(8, 3, side, side)}}, ["c"], path)
+        sizes[side] = Image.open(path).size
+    assert sizes[64][0] - sizes[32][0] == pytest.approx(512, abs=4)
+    assert sizes[64][1] - sizes[32][1] == pytest.approx(64, abs=4)
