@@ -445,14 +445,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.time()
     entries = [n.strip() for n in args.models.split(",") if n.strip()]
-    extra = dict(e.split("=", 1) for e in entries if "=" in e)
     names = [e for e in entries if "=" not in e]
+    labelled = [e.split("=", 1) for e in entries if "=" in e]
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         raise SystemExit(f"mrdiff: error: unknown evidence models {unknown}: choose from {', '.join(MODELS)}, "
                          f"or name exported weights as LABEL=PATH")
-    clashes = sorted(set(extra) & set(MODELS) | {n for n in extra if not n})
-    if clashes or len(extra) != sum("=" in e for e in entries):
+    extra = dict(labelled)
+    if len(extra) < len(labelled) or any(not label or label in MODELS for label in extra):
         raise SystemExit(f"mrdiff: error: --models {args.models}: each LABEL=PATH needs its own non-empty label "
                          f"outside {', '.join(MODELS)}")
     missing = [f"{n}={p}" for n, p in extra.items() if not Path(p).is_file()]

@@ -15,9 +15,9 @@ export WANDB_MODE=${WANDB_MODE:-offline} MRDIFF_OVERWRITE=1  # the demo owns run
 
 rm -rf "$DEMO"
 echo "== 1/4 shipped models: fixed-resolution DDPM, multi-resolution, + whole canvases; at 32, 64 and 32x64 =="
-for model in fixed multires canvases; do  # stochastic DDIM-25, as their evaluation
-  weights=models/evidence_cpu_v2/$model.pt
-  [ "$model" = canvases ] && weights=models/remedy/multires_canvas25.pt
+for entry in fixed=models/evidence_cpu_v2/fixed.pt multires=models/evidence_cpu_v2/multires.pt \
+             canvases=models/remedy/multires_canvas25.pt; do  # stochastic DDIM-25, as their evaluation
+  model=${entry%%=*} weights=${entry#*=}
   $MRDIFF sample --config configs/evidence/base.yaml --config configs/evidence/$model.yaml \
     --config configs/evidence/cpu.yaml --ckpt_path $weights \
     --resolutions "[32,64,32x64]" --num_samples 16 --sampler ddim --steps 25 --eta 1 --out_dir $DEMO/$model

@@ -123,7 +123,8 @@ class PatchCollate:
         seeds, items = zip(*batch)
         if self.sampler is None:
             return self.whole(items, self.size)
-        side = self.sampler.draw_canvas(_generator(seeds[0] + 2))
+        # its own generator (seed + 2): skipping the draw when there are no canvases changes no other draw
+        side = self.sampler.draw_canvas(_generator(seeds[0] + 2)) if self.sampler.canvas_fraction else None
         if side is not None:  # a batch of whole canvases: the loss sees a layout larger than one patch
             return self.whole(items, side)
         shared = self.sampler.draw_scale(_generator(seeds[0] + 1)) if self.per_batch_scale else None
