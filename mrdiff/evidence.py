@@ -10,7 +10,8 @@ fp16 EMA weights with what is needed to rebuild it (`models/evidence/<name>.pt`)
 reused, so evaluation alone needs no training.
 
 Rows per model: plain, + NoiseShift (calibrated here on held-out renders), + analytic shift; plus
-"fixed + upsample" (the fixed model's samples at R, bicubic-upsampled) and the ground-truth renders
+"fixed + upsample" (the fixed model's samples at R, bicubic-upsampled; `--upsample` names other
+fixed-resolution rows to give the same trivial baseline) and the ground-truth renders
 themselves, which give each metric's ceiling at each resolution. Columns: resolutions. Every rate carries
 a Wilson 95% interval, every mean a bootstrap 95% interval. The report (Markdown, JSON, figure) is written
 by this run, with the machine, the versions and the wall time.
@@ -114,6 +115,7 @@ class Settings:
     shifted_at: list[tuple[int, int]] | None = None  # where the shifted rows are sampled; None: every resolution
     extractor: torch.nn.Module | None = None  # Inception (FID and KID per cell), when weights are given
     sampler_check: int = 0  # samples per sampler in the DDIM / DDPM / DPM-Solver++ comparison at R; 0: none
+    upsample: tuple[str, ...] = ("fixed",)  # models whose samples at R, upsampled, make "<model> + upsample" rows
 
 
 def references(height: int, width: int, num: int, first: int = 0) -> torch.Tensor:
@@ -237,7 +239,7 @@ def sampler_check(model: DiffusionModule, reference: torch.Tensor, radii: list[f
 
 
 def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) -> dict:
-    """Every (row, resolution) cell; rows are (model, variant), 'fixed + upsample' and 'ground truth'."""
+    """Every (row, resolution) cell; rows are (model, variant), '<model> + upsample' and 'ground truth'."""
     radii = reference_radii(1000)
     refs = {hw: references(*hw, settings.num_reference) for hw in settings.resolutions}
     inception = {hw: InceptionScores(refs[hw], settings.extractor, settings.num_samples) if settings.extractor
@@ -281,15 +283,14 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
                 figure.setdefault(row, {})[key] = samples[: settings.figure_samples]
                 print(f"mrdiff evidence: {row} at {key}: one-sun {cells[row][key]['one_sun_rate']:.3f}, "
                       f"spectrum {cells[row][key]['spectrum_distance']:.3f} ({time.time() - start:.1f} s)", flush=True)
-        if name == "fixed":
-            base = generate(model, train_side, train_side, settings)
+        if name in settings.upsample:
+            base, row = generate(model, train_side, train_side, settings), f"{name} + upsample"
             for hw in settings.resolutions:
                 if hw[0] * hw[1] > train_side**2:
                     key = resolution_key(*hw)
                     up = upsample(base, *hw)
-                    cells.setdefault("fixed + upsample", {})[key] = cell_metrics(up, refs[hw], radii, key,
-                                                                                   inception[hw])
-                    figure.setdefault("fixed + upsample", {})[key] = up[: settings.figure_samples]
+                    cells.setdefault(row, {})[key] = cell_metrics(up, refs[hw], radii, key, inception[hw])
+                    figure.setdefault(row, {})[key] = up[: settings.figure_samples]
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -433,6 +434,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help="rows per model: a subset of " + ", ".join(VARIANTS))
     p.add_argument("--shifted-at", default=None, metavar="RES,...",
                    help="sample the noiseshift and analytic rows only at these resolutions (default: at all)")
+    p.add_argument("--upsample", default=None, metavar="MODEL,...",
+                   help="models (fixed-resolution ones) whose samples at R, bicubic-upsampled, are the trivial "
+                        "baseline row '<model> + upsample' above R (default: fixed, when it is evaluated)")
     p.add_argument("--sampler-check", type=int, default=0, metavar="N",
                    help="also sample N seeds at R with DDIM-50, DDPM-1000 and DPM-Solver++-10 (a sampler check)")
     p.add_argument("--inception-weights", default=None,
@@ -463,6 +467,10 @@ def main(argv: list[str] | None = None) -> None:
     if set(variants) - set(VARIANTS):
         raise SystemExit(f"mrdiff: error: unknown --variants {sorted(set(variants) - set(VARIANTS))}: "
                          f"choose from {', '.join(VARIANTS)}")
+    upsample = ("fixed",) if args.upsample is None else tuple(n.strip() for n in args.upsample.split(",") if n.strip())
+    if args.upsample is not None and set(upsample) - set(names) - set(extra):
+        raise SystemExit(f"mrdiff: error: --upsample {args.upsample} names models outside --models: "
+                         f"pick them from {', '.join(names + list(extra))}")
     resolutions = [parse_resolution(r) for r in args.resolutions.split(",")]
     shifted_at = None if args.shifted_at is None else [parse_resolution(r) for r in args.shifted_at.split(",")]
     if shifted_at is not None and set(shifted_at) - set(resolutions):
@@ -489,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
                         batch_size=args.batch_size, calibration_images=args.calibration_images,
                         num_reference=args.num_reference,
                         variants=variants, shifted_at=shifted_at,
-                        sampler_check=args.sampler_check,
+                        sampler_check=args.sampler_check, upsample=upsample,
                         extractor=inception(args.inception_weights).to(device)
                         if configured_weights(args.inception_weights) else None)
     result = evaluate(weights, settings, device)

@@ -85,6 +85,7 @@ def test_evidence_never_overwrites_an_earlier_report(tmp_path):
     (["--models", "fixed,tuned=nowhere.pt"], "no weights at tuned=nowhere.pt"),
     (["--models", "fixed=nowhere.pt"], "needs its own non-empty label outside fixed"),
     (["--models", "a=x.pt,a=y.pt"], "needs its own non-empty label"),
+    (["--models", "multires", "--upsample", "fixed"], "--upsample fixed names models outside --models"),
 ])
 def test_evidence_rejects_rows_it_cannot_sample_before_any_work(tmp_path, args, message):
     from mrdiff.evidence import main
@@ -120,14 +121,19 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     tuned = tmp_path / "elsewhere" / "tuned.pt"  # a LABEL=PATH row: the multires weights under another name
     tuned.parent.mkdir()
     tuned.write_bytes((tmp_path / "multires.pt").read_bytes())
-    main(["--models", f"fixed,multires,tuned={tuned}", "--weights", str(tmp_path), "--out", str(out),
+    baseline = tmp_path / "elsewhere" / "baseline.pt"  # the fixed weights under another name, upsampled too
+    baseline.write_bytes((tmp_path / "fixed.pt").read_bytes())
+    main(["--models", f"fixed,multires,tuned={tuned},baseline={baseline}", "--upsample", "fixed,baseline", "--weights", str(tmp_path), "--out", str(out),
           "--resolutions", "16,32", "--num-samples", "4", "--batch-size", "4", "--sampler", "dpmpp_2m",
           "--steps", "2", "--variants", "plain,analytic", "--shifted-at", "32", "--num-reference", "8",
           "--sampler-check", "2", "--device", "cpu", "--eta", "1"])
     report = json.loads((out / "table.json").read_text())
     cells = report["cells"]
     assert set(cells) == {"ground truth", "fixed", "fixed + analytic", "multires", "multires + analytic",
-                          "fixed + upsample", "tuned", "tuned + analytic"}
+                          "fixed + upsample", "tuned", "tuned + analytic", "baseline", "baseline + analytic",
+                          "baseline + upsample"}
+    assert cells["baseline + upsample"]["32"]["spectrum_distance"] == pytest.approx(
+        cells["fixed + upsample"]["32"]["spectrum_distance"])  # same weights, same seeds, same upsampled row
     for key in ("16", "32"):  # a LABEL=PATH row: the same weights on the same seeds give the same cell
         assert cells["tuned"][key]["one_sun_rate"] == cells["multires"][key]["one_sun_rate"]
         assert cells["tuned"][key]["spectrum_distance"] == pytest.approx(cells["multires"][key]["spectrum_distance"])
