@@ -7,6 +7,8 @@ A resumed fit logs into a new CSV version: <name>.metrics.csv, <name>.metrics-2.
 The in-fit evaluation (ResolutionEvaluation, EMA weights) samples 200 seeds per size with the sampler its
 config names; the validation loss is L_simple on held-out data (each model's own training distribution:
 whole scenes for the fixed model, multi-resolution patches for the others, so compare losses within a row).
+Models that see different pixels per step (whole 64² canvases in some batches) are compared by the training
+pixels they have seen (the expectation over the canvas draws, from <name>.config.yaml), not by steps.
 """
 
 from __future__ import annotations
@@ -43,23 +45,36 @@ def logs_in(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
     return logs
 
 
-def plot(logs: dict[str, dict[str, dict[int, float]]], path: Path) -> None:
-    """Validation loss and the in-fit one-sun rates against steps, one line per model."""
+def pixels_per_step(data: dict) -> float:
+    """Expected training pixels per optimizer step: patches, or whole canvases in a canvas_fraction of batches."""
+    if not data.get("multires", True):
+        side = data.get("train_size") or data["image_size"]
+        return data["batch_size"] * side**2
+    fraction, sides = data.get("canvas_fraction") or 0.0, data.get("canvas_sizes") or []
+    canvas = sum(side**2 for side in sides) / len(sides) if sides else 0.0
+    return data["batch_size"] * ((1 - fraction) * data["patch_size"] ** 2 + fraction * canvas)
+
+
+def plot(logs: dict[str, dict[str, dict[int, float]]], pixels: dict[str, float], path: Path) -> None:
+    """Validation loss and the in-fit one-sun rates against training pixels (steps when unknown)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    xlabel = "training pixels (millions)" if len(pixels) == len(logs) else "step"
     for name, log in logs.items():
+        per_step = pixels.get(name, 1e6) if xlabel != "step" else 1e6
         sizes = sorted({int(k.rsplit("_", 1)[1]) for k in log if k.startswith("val/one_sun_rate_")})
         loss = log.get("val/loss", {})
-        axes[0].plot(sorted(loss), [loss[s] for s in sorted(loss)], label=name)
+        axes[0].plot([s * per_step / 1e6 for s in sorted(loss)], [loss[s] for s in sorted(loss)], label=name)
         for ax, size in zip(axes[1:], (sizes[0], sizes[-1]) if sizes else ()):
             rate = log[f"val/one_sun_rate_{size}"]
-            ax.plot(sorted(rate), [rate[s] for s in sorted(rate)], marker="o", label=name)
-            ax.set(title=f"one-sun rate at {size}² (in-fit)", xlabel="step", ylim=(0, 1))
-    axes[0].set(title="validation loss (own distribution)", xlabel="step", yscale="log")
+            ax.plot([s * per_step / 1e6 for s in sorted(rate)], [rate[s] for s in sorted(rate)], marker="o",
+                    label=name)
+            ax.set(title=f"one-sun rate at {size}² (in-fit)", xlabel=xlabel, ylim=(0, 1))
+    axes[0].set(title="validation loss (own distribution)", xlabel=xlabel, yscale="log")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -80,9 +95,13 @@ def main(folder: Path) -> None:
     logs = logs_in(folder)
     lines = [f"Written by `python scripts/evidence_curves.py {folder}` from the fits' CSV logs.", ""]
     num_samples: dict[str, int] = {}
+    pixels: dict[str, float] = {}
     for name in logs:
         config = folder / f"{name}.config.yaml"
-        callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"] if config.is_file() else []
+        settings = yaml.safe_load(config.read_text()) if config.is_file() else {}
+        if "data" in settings:
+            pixels[name] = pixels_per_step(settings["data"])
+        callbacks = settings["trainer"]["callbacks"] if settings else []
         for cb in callbacks:
             if cb["class_path"].endswith("ResolutionEvaluation"):
                 a = cb["init_args"]
@@ -91,9 +110,11 @@ def main(folder: Path) -> None:
                 lines.append(f"- {name}: in-fit evaluation of the EMA weights, {a['num_samples']} samples per size, "
                              f"{sampling['sampler']}-{sampling['steps']} (η = {sampling['eta'] or 0:g}).")
     lines += ["", "Rates carry Wilson 95% intervals over the in-fit samples.", "",
-              "| model | step | val loss | one-sun rate at R (in-fit) | one-sun rate at 2R (in-fit) "
-              "| radius error at R | radius error at 2R |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "Training pixels: the expected count up to that step, in millions (32² × 32 = 0.033 M per "
+              "step for patches of 32² or whole 32² scenes).", "",
+              "| model | step | training pixels (M) | val loss | one-sun rate at R (in-fit) "
+              "| one-sun rate at 2R (in-fit) | radius error at R | radius error at 2R |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, log in logs.items():
         sizes = sorted({int(k.rsplit("_", 1)[1]) for k in log if k.startswith("val/one_sun_rate_")})
         if len(sizes) < 2:
@@ -104,10 +125,11 @@ def main(folder: Path) -> None:
             near = min(loss, key=lambda s: abs(s - step)) if loss else None
             rates = [rate_cell(log[f"val/one_sun_rate_{size}"][step], num_samples.get(name)) for size in (r, r2)]
             radii = [f"{log[f'val/radius_error_{size}'][step]:.3f}" for size in (r, r2)]
-            lines.append(f"| {name} | {step} | {f'{loss[near]:.5f}' if near is not None else '–'} | "
+            seen = f"{step * pixels[name] / 1e6:.0f}" if name in pixels else "–"
+            lines.append(f"| {name} | {step} | {seen} | {f'{loss[near]:.5f}' if near is not None else '–'} | "
                          + " | ".join(rates + radii) + " |")
     (folder / "curves.md").write_text("\n".join(lines) + "\n")
-    plot(logs, folder / "curves.png")
+    plot(logs, pixels, folder / "curves.png")
     print("\n".join(lines))
 
 

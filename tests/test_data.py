@@ -157,3 +157,28 @@ def test_a_share_of_batches_holds_whole_canvases_at_the_listed_sides():
         PatchSampler(32, 64, 32, canvas_fraction=0.5)
     with pytest.raises(ValueError, match="lie in"):
         PatchSampler(32, 64, 32, canvas_fraction=0.5, canvas_sizes=(96,))
+
+
+def test_the_curves_script_counts_the_pixels_the_patch_draws_give():
+    """scripts/evidence_curves.py compares fits by training pixels: its per-step count is the mean of the
+    sampler's own canvas draws (a quarter of the batches whole 64² canvases: 1.75× a patch batch's pixels),
+    and a fixed model's batch is whole scenes at train_size."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("evidence_curves", root / "scripts" / "evidence_curves.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    configs = root / "results" / "evidence" / "cpu_fits_remedy"
+    canvases = yaml.safe_load((configs / "canvas25.config.yaml").read_text())["data"]
+    fixed = yaml.safe_load((configs / "fixed.config.yaml").read_text())["data"]
+    sampler = PatchSampler(canvases["s_min"], canvases["s_max"], canvases["patch_size"],
+                           canvas_fraction=canvases["canvas_fraction"], canvas_sizes=tuple(canvases["canvas_sizes"]))
+    sides = [sampler.draw_canvas(torch.Generator().manual_seed(seed)) or canvases["patch_size"] for seed in range(4000)]
+    drawn = canvases["batch_size"] * sum(side**2 for side in sides) / len(sides)
+    assert script.pixels_per_step(canvases) == pytest.approx(drawn, rel=0.04)  # 3σ of 4,000 draws: 3.5%
+    assert script.pixels_per_step(fixed) == 32 * 32**2
+    assert script.pixels_per_step(canvases) / script.pixels_per_step(fixed) == pytest.approx(1.75)

@@ -123,7 +123,8 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     tuned.write_bytes((tmp_path / "multires.pt").read_bytes())
     baseline = tmp_path / "elsewhere" / "baseline.pt"  # the fixed weights under another name, upsampled too
     baseline.write_bytes((tmp_path / "fixed.pt").read_bytes())
-    main(["--models", f"fixed,multires,tuned={tuned},baseline={baseline}", "--upsample", "fixed,baseline", "--weights", str(tmp_path), "--out", str(out),
+    main(["--models", f"fixed,multires,tuned={tuned},baseline={baseline}", "--upsample", "fixed,baseline",
+          "--weights", str(tmp_path), "--out", str(out),
           "--resolutions", "16,32", "--num-samples", "4", "--batch-size", "4", "--sampler", "dpmpp_2m",
           "--steps", "2", "--variants", "plain,analytic", "--shifted-at", "32", "--num-reference", "8",
           "--sampler-check", "2", "--device", "cpu", "--eta", "1"])
