@@ -63,16 +63,16 @@ def plot(logs: dict[str, dict[str, dict[int, float]]], pixels: dict[str, float],
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    xlabel = "training pixels (millions)" if len(pixels) == len(logs) else "step"
+    by_pixels = len(pixels) == len(logs)  # else some fit has no config: steps for all
+    xlabel = "training pixels (millions)" if by_pixels else "step"
     for name, log in logs.items():
-        per_step = pixels.get(name, 1e6) if xlabel != "step" else 1e6
+        unit = pixels[name] / 1e6 if by_pixels else 1  # x per step
         sizes = sorted({int(k.rsplit("_", 1)[1]) for k in log if k.startswith("val/one_sun_rate_")})
         loss = log.get("val/loss", {})
-        axes[0].plot([s * per_step / 1e6 for s in sorted(loss)], [loss[s] for s in sorted(loss)], label=name)
+        axes[0].plot([s * unit for s in sorted(loss)], [loss[s] for s in sorted(loss)], label=name)
         for ax, size in zip(axes[1:], (sizes[0], sizes[-1]) if sizes else ()):
             rate = log[f"val/one_sun_rate_{size}"]
-            ax.plot([s * per_step / 1e6 for s in sorted(rate)], [rate[s] for s in sorted(rate)], marker="o",
-                    label=name)
+            ax.plot([s * unit for s in sorted(rate)], [rate[s] for s in sorted(rate)], marker="o", label=name)
             ax.set(title=f"one-sun rate at {size}² (in-fit)", xlabel=xlabel, ylim=(0, 1))
     axes[0].set(title="validation loss (own distribution)", xlabel=xlabel, yscale="log")
     for ax in axes:
