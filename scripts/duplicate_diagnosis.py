@@ -8,6 +8,8 @@ one-sun rate into its failure modes: no sun, two or more suns, and for images wi
 of the largest sun against the radii of the others, and how often a sun is cut by the canvas edge (never in
 the data). An extra sun much smaller than the data's smallest
 (radius 0.12 canvas units) is a sun drawn at the wrong scale; a second full-size sun is a counting error.
+The last column counts tiled landscapes the sun counts miss: images in which a quarter of the columns
+brighten again below their horizon (mrdiff.metrics.structure.stacked_horizons; never in the data).
 `--scaled` adds rows with entropy-scaled attention (SamplingSettings.attention_scaling). Writes table.md,
 table.json and samples.png into --out, which must not exist yet.
 """
@@ -29,9 +31,10 @@ from mrdiff.data.synthetic import CANVAS_MARGIN, SUN_RADIUS_RANGE
 from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.evidence import Settings, generate, load_model, references, save_figure
 from mrdiff.metrics.detail import bootstrap_interval, wilson_interval
-from mrdiff.metrics.structure import detect_suns
+from mrdiff.metrics.structure import detect_suns, stacked_horizons
 
 EDGE = CANVAS_MARGIN + 0.02  # a data sun's disk stays inside ±CANVAS_MARGIN: one reaching past this is cut
+STACKED_COLUMNS = 0.25  # an image stacks horizons when a quarter of its columns brighten again below theirs
 
 
 def rate(flags: np.ndarray) -> dict[str, float]:
@@ -50,7 +53,8 @@ def mean(values: list[float]) -> dict[str, float]:
 
 def failure_modes(images: torch.Tensor) -> dict[str, dict[str, float]]:
     """One-sun, no-sun and several-suns rates; radii of the single suns, and of the largest and the other
-    suns in images with several; the share of those others below the data's smallest radius."""
+    suns in images with several; the share of those others below the data's smallest radius; the share of
+    images with stacked horizons (a tiled landscape)."""
     suns = [sorted(detect_suns(image), key=lambda s: -s.radius) for image in images]
     counts = np.array([len(s) for s in suns])
     several = [s for s in suns if len(s) > 1]
@@ -65,6 +69,7 @@ def failure_modes(images: torch.Tensor) -> dict[str, dict[str, float]]:
         "others_below_data_min": rate(np.array(others) < SUN_RADIUS_RANGE[0]),
         "distance_to_largest": mean(distances),
         "at_edge": rate(np.array([any(max(map(abs, sun.center)) + sun.radius > EDGE for sun in s) for s in suns])),
+        "stacked_horizons": rate(stacked_horizons(images).numpy() > STACKED_COLUMNS),
     }
 
 
@@ -74,7 +79,8 @@ COLUMNS = (("one_sun", "one sun", "{:.2f}"), ("no_sun", "no sun", "{:.2f}"), ("s
            ("other_radius", "radius, the others", "{:.3f}"),
            ("others_below_data_min", "others < 0.12", "{:.2f}"),
            ("distance_to_largest", "distance to the largest", "{:.2f}"),
-           ("at_edge", "sun cut by the edge", "{:.2f}"))
+           ("at_edge", "sun cut by the edge", "{:.2f}"),
+           ("stacked_horizons", "stacked horizons", "{:.2f}"))
 
 
 def cell_text(cell: dict[str, float], pattern: str) -> str:

@@ -174,3 +174,19 @@ def test_duplicate_diagnosis_splits_one_sun_from_an_added_small_sun():
     assert two["several_suns"]["value"] == 1.0 and two["suns_per_image"]["value"] == 2.0
     assert two["other_radius"]["value"] == pytest.approx(scenes[small].sun_radius, abs=0.02)
     assert two["largest_radius"]["value"] == pytest.approx(scenes[big].sun_radius, abs=0.02)
+
+
+def test_stacked_horizons_are_sky_bands_below_a_ridge_and_never_in_the_data():
+    """Going down a rendered column the luma rarely rises again below the first ridge (a nearer ridge can be
+    a little lighter than a farther one): no image of the data stacks horizons. A band of the image's own
+    sky pasted into its ground (the bottom fifth is always mountain) is a second horizon in every column."""
+    from mrdiff.data.synthetic import render_canvas, sample_scene
+    from mrdiff.metrics.structure import stacked_horizons
+
+    truth = torch.stack([render_canvas(sample_scene(i), 64, 64) for i in range(40)])
+    assert stacked_horizons(truth).mean() < 0.02 and stacked_horizons(truth).max() < 0.25  # 0.009, 0.20 here
+    tiled = truth.clone()
+    tiled[:, :, 54:60] = truth[:, :, 0:6]  # the top rows are sky (and maybe sun), rows ≥ 52 are ground
+    shares = stacked_horizons(tiled)
+    assert shares.mean() > 0.8 and (shares > 0.25).all()
+    assert stacked_horizons(truth[0]).shape == (1,)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from mrdiff.data.synthetic import sample_scene
@@ -34,6 +35,10 @@ ROUND_MAX_ASPECT: float = 1.5
 """A blob is round when its area fills its moment-equivalent disk and its axes are balanced."""
 HORIZON_MIN_CONTRAST: float = 0.05
 """Minimal luminance gap between the top quarter (sky) and the bottom fifth (mountains) of a canvas."""
+HORIZON_DROP: float = 0.08
+"""Luma fall from the brightest pixel above that marks a column's first ridge (its horizon)."""
+HORIZON_REBOUND: float = 0.10
+"""Luma rise above the darkest pixel since the horizon that counts as sky again: a second horizon below."""
 RADIUS_RANGE_SLACK: float = 0.1
 """Relative widening of the reference radius range when checking whether a sun has a plausible size."""
 
@@ -171,11 +176,33 @@ def detect_suns(image: torch.Tensor, min_area_frac: float = 1e-4) -> list[Sun]:
 
 def _unit_horizon_present(rgb: torch.Tensor) -> torch.Tensor:
     """``[N]`` bool for images in [0, 1]: top quarter (sky) brighter than bottom fifth (mountains)."""
-    luma = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+    luma = _unit_luma(rgb)
     height = luma.shape[1]
     top = luma[:, : max(height // 4, 1)].mean(dim=(1, 2))
     bottom = luma[:, height - max(height // 5, 1) :].mean(dim=(1, 2))
     return top - bottom > HORIZON_MIN_CONTRAST
+
+
+def _unit_luma(rgb: torch.Tensor) -> torch.Tensor:
+    return 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+
+
+def stacked_horizons(images: torch.Tensor) -> torch.Tensor:
+    """``[N]`` share of each image's columns that brighten again below their horizon.
+
+    In a scene the ridges are painted far to near, each darker than the one behind it, so going down a
+    column the luma falls at the horizon (the first ridge) and never rises again. A model that tiles the
+    landscape stacks horizons: sky-bright bands below a ridge. A column counts when, below its first fall of
+    HORIZON_DROP from the brightest pixel above, some pixel is HORIZON_REBOUND above the darkest one since.
+    Rows are averaged in threes first (speckle), and sun pixels are skipped."""
+    rgb = _to_unit(_as_batch(images).detach())
+    sun = _unit_sun_mask(rgb)
+    luma = F.avg_pool2d(_unit_luma(rgb)[:, None], (3, 1), stride=1, padding=(1, 0), count_include_pad=False)[:, 0]
+    brightest = torch.cummax(torch.where(sun, -1.0, luma), dim=1).values
+    below = torch.cumsum((~sun & (luma < brightest - HORIZON_DROP)).int(), dim=1) > 0
+    darkest = torch.cummin(torch.where(below & ~sun, luma, 2.0), dim=1).values
+    rebound = torch.where(below & ~sun, luma - darkest, 0.0).amax(dim=1)
+    return (rebound > HORIZON_REBOUND).float().mean(dim=1)
 
 
 @dataclass
