@@ -190,8 +190,9 @@ def _unit_luma(rgb: torch.Tensor) -> torch.Tensor:
 def stacked_horizons(images: torch.Tensor) -> torch.Tensor:
     """``[N]`` share of each image's columns that brighten again below their horizon.
 
-    In a scene the ridges are painted far to near, each darker than the one behind it, so going down a
-    column the luma falls at the horizon (the first ridge) and never rises again. A model that tiles the
+    In a scene the ridges are painted far to near, nearer ones darker, so going down a column the luma
+    falls at the horizon (the first ridge) and hardly rises again (renders: no image over a quarter of its
+    columns; a nearer ridge is sometimes a little lighter than a farther one). A model that tiles the
     landscape stacks horizons: sky-bright bands below a ridge. A column counts when, below its first fall of
     HORIZON_DROP from the brightest pixel above, some pixel is HORIZON_REBOUND above the darkest one since.
     Rows are averaged in threes first (speckle), and sun pixels are skipped."""
