@@ -263,6 +263,7 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
             reference = refs[side] if side in refs else references(*side, settings.num_reference)
             diagnostics[name]["samplers"] = sampler_check(model, reference, radii, settings.sampler_check,
                                                           settings.batch_size)
+        plain_at_r = None  # the plain samples at R, reused by the upsample row (same seeds, same samples)
         for hw in settings.resolutions:
             key = resolution_key(*hw)
             diagnostics[name]["eps_mse"][key] = eps_mse_by_bucket(model, refs[hw])
@@ -277,6 +278,8 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
                 else:
                     cond, tables.setdefault(name, {})[key] = noiseshift_cond(model, *hw, settings)
                 samples = generate(model, *hw, settings, cond)
+                if variant == "plain" and hw == (train_side, train_side):
+                    plain_at_r = samples
                 row = name if variant == "plain" else f"{name} + {variant}"
                 cells.setdefault(row, {})[key] = cell_metrics(samples, refs[hw], radii, key, inception[hw])
                 cells[row][key]["seconds"] = time.time() - start
@@ -284,7 +287,8 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
                 print(f"mrdiff evidence: {row} at {key}: one-sun {cells[row][key]['one_sun_rate']:.3f}, "
                       f"spectrum {cells[row][key]['spectrum_distance']:.3f} ({time.time() - start:.1f} s)", flush=True)
         if name in settings.upsample:
-            base, row = generate(model, train_side, train_side, settings), f"{name} + upsample"
+            base = plain_at_r if plain_at_r is not None else generate(model, train_side, train_side, settings)
+            row = f"{name} + upsample"
             for hw in settings.resolutions:
                 if hw[0] * hw[1] > train_side**2:
                     key = resolution_key(*hw)
@@ -445,10 +449,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def comma_list(text: str) -> list[str]:
+    """'a, b,,c' → ['a', 'b', 'c']."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.time()
-    entries = [n.strip() for n in args.models.split(",") if n.strip()]
+    entries = comma_list(args.models)
     names = [e for e in entries if "=" not in e]
     labelled = [e.split("=", 1) for e in entries if "=" in e]
     unknown = sorted(set(names) - set(MODELS))
@@ -463,11 +472,11 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"mrdiff: error: no weights at {', '.join(missing)}: point LABEL=PATH at a file "
                          f"written by mrdiff.evidence.export")
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    variants = tuple(comma_list(args.variants))
     if set(variants) - set(VARIANTS):
         raise SystemExit(f"mrdiff: error: unknown --variants {sorted(set(variants) - set(VARIANTS))}: "
                          f"choose from {', '.join(VARIANTS)}")
-    upsample = ("fixed",) if args.upsample is None else tuple(n.strip() for n in args.upsample.split(",") if n.strip())
+    upsample = ("fixed",) if args.upsample is None else tuple(comma_list(args.upsample))
     if args.upsample is not None and set(upsample) - set(names) - set(extra):
         raise SystemExit(f"mrdiff: error: --upsample {args.upsample} names models outside --models: "
                          f"pick them from {', '.join(names + list(extra))}")

@@ -197,12 +197,12 @@ def stacked_horizons(images: torch.Tensor) -> torch.Tensor:
     HORIZON_DROP from the brightest pixel above, some pixel is HORIZON_REBOUND above the darkest one since.
     Rows are averaged in threes first (speckle), and sun pixels are skipped."""
     rgb = _to_unit(_as_batch(images).detach())
-    sun = _unit_sun_mask(rgb)
+    land = ~_unit_sun_mask(rgb)  # sky and ridges: every pixel but the sun's
     luma = F.avg_pool2d(_unit_luma(rgb)[:, None], (3, 1), stride=1, padding=(1, 0), count_include_pad=False)[:, 0]
-    brightest = torch.cummax(torch.where(sun, -1.0, luma), dim=1).values
-    below = torch.cumsum((~sun & (luma < brightest - HORIZON_DROP)).int(), dim=1) > 0
-    darkest = torch.cummin(torch.where(below & ~sun, luma, 2.0), dim=1).values
-    rebound = torch.where(below & ~sun, luma - darkest, 0.0).amax(dim=1)
+    brightest = torch.cummax(torch.where(land, luma, -1.0), dim=1).values
+    below = torch.cummax((land & (luma < brightest - HORIZON_DROP)).int(), dim=1).values.bool() & land
+    darkest = torch.cummin(torch.where(below, luma, 2.0), dim=1).values
+    rebound = torch.where(below, luma - darkest, 0.0).amax(dim=1)
     return (rebound > HORIZON_REBOUND).float().mean(dim=1)
 
 
