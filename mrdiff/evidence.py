@@ -152,16 +152,19 @@ def noiseshift_cond(model: DiffusionModule, height: int, width: int, settings: S
 
 def cell_metrics(images: torch.Tensor, reference: torch.Tensor, radii: list[float], key: str,
                  inception: InceptionScores | None = None) -> dict[str, float]:
-    """Structure (one-sun rate with a Wilson interval, mean suns with a bootstrap interval), detail, and FID
-    and KID against the reference renders when Inception scores are given."""
+    """Structure (one-sun and stacked-horizon rates with Wilson intervals, mean suns with a bootstrap
+    interval), detail, and FID and KID against the reference renders when Inception scores are given."""
     score = structure_score(images, reference_radii=radii, resolution=key)
     counts = sun_counts(images).astype(float)
     ones = int((counts == 1).sum())
     lo, hi = wilson_interval(ones, len(counts))
+    tiled = round(score.stacked_horizon_rate * score.num_images)
+    t_lo, t_hi = wilson_interval(tiled, score.num_images)
     n_lo, n_hi = bootstrap_interval(counts)
     return {"one_sun_rate": ones / len(counts), "one_sun_rate_lo": lo, "one_sun_rate_hi": hi,
             "mean_num_suns": float(counts.mean()), "mean_num_suns_lo": n_lo, "mean_num_suns_hi": n_hi,
-            "radius_error": score.radius_error, **detail_report(images, reference),
+            "stacked_horizon_rate": score.stacked_horizon_rate, "stacked_horizon_rate_lo": t_lo,
+            "stacked_horizon_rate_hi": t_hi, "radius_error": score.radius_error, **detail_report(images, reference),
             **(inception(images) if inception is not None else {})}
 
 
@@ -304,6 +307,8 @@ def evaluate(models: dict[str, Path], settings: Settings, device: torch.device) 
 # -- report -------------------------------------------------------------------------------------------
 METRICS = (("one_sun_rate", "one-sun rate ↑ (ground truth: the data's own rate)", "{:.2f}"),
            ("mean_num_suns", "suns per image (ground truth: 1)", "{:.2f}"),
+           ("stacked_horizon_rate", "images with stacked horizons, a tiled landscape ↓ (ground truth: the data's own "
+                                    "rate)", "{:.2f}"),
            ("spectrum_distance", "power-spectrum distance to ground truth ↓ (mean |Δ log10 power|)", "{:.3f}"),
            ("neighbour_difference", "neighbour difference (speckle; compare with ground truth)", "{:.3f}"),
            ("sky_red", "sky red, top quarter (compare with ground truth)", "{:.2f}"),

@@ -31,10 +31,9 @@ from mrdiff.data.synthetic import CANVAS_MARGIN, SUN_RADIUS_RANGE
 from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.evidence import Settings, generate, load_model, references, save_figure
 from mrdiff.metrics.detail import bootstrap_interval, wilson_interval
-from mrdiff.metrics.structure import detect_suns, stacked_horizons
+from mrdiff.metrics.structure import STACKED_COLUMNS, detect_suns, stacked_horizons
 
 EDGE = CANVAS_MARGIN + 0.02  # a data sun's disk stays inside ±CANVAS_MARGIN: one reaching past this is cut
-STACKED_COLUMNS = 0.25  # an image stacks horizons when a quarter of its columns brighten again below theirs
 
 
 def rate(flags: np.ndarray) -> dict[str, float]:

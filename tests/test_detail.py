@@ -102,7 +102,7 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     import json
 
     from mrdiff.evidence import load_model, main
-    from mrdiff.metrics.structure import sun_counts
+    from mrdiff.metrics.structure import stacked_horizons, sun_counts
     from mrdiff.module import DiffusionModule
     from mrdiff.nn.unet import UNet
 
@@ -146,7 +146,12 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     model, _ = load_model(tmp_path / "fixed.pt", torch.device("cpu"))
     images = model.sample([0, 1, 2, 3], 16, 16, sampling=SamplingSettings("dpmpp_2m", 2))
     assert cells["fixed"]["16"]["one_sun_rate"] == pytest.approx(float((sun_counts(images) == 1).mean()))
+    tiled = int((stacked_horizons(images) > 0.25).sum())  # images with over a quarter of their columns stacked
+    assert cells["fixed"]["16"]["stacked_horizon_rate"] == tiled / 4
+    lo, hi = cells["fixed"]["16"]["stacked_horizon_rate_lo"], cells["fixed"]["16"]["stacked_horizon_rate_hi"]
+    assert lo <= tiled / 4 <= hi and hi - lo > 0.4  # Wilson at n = 4 is wide whatever the count
     markdown = (out / "table.md").read_text()
+    assert "**images with stacked horizons" in markdown
     assert "DPM-Solver++(2M)-2" in markdown and "**Samplers at R" in markdown and (out / "samples.png").is_file()
     assert cells["ground truth"]["32"]["spectrum_distance"] > 0  # other renders than the reference set
 

@@ -101,7 +101,8 @@ def test_mrdiff_test_prints_and_writes_the_table(trained, tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "FID skipped" in out and "| mrdiff + analytic shift |" in out and "one-sun rate" in out
     table = json.loads((tmp_path / "run" / "eval_table.json").read_text())  # the checkpoint's run dir
-    assert table["columns"] == ["16", "24"] and table["metrics"] == ["one_sun_rate", "radius_error"]
+    assert table["columns"] == ["16", "24"]
+    assert table["metrics"] == ["one_sun_rate", "stacked_horizon_rate", "radius_error"]
     assert table["settings"]["global_step"] == 4 and table["settings"]["checkpoint"] == str(ckpt)
     assert [row["variant"] for row in table["rows"]] == ["mrdiff", "mrdiff + analytic shift"]
     assert {p.name for p in (tmp_path / "run").glob("eval_*")} >= {"eval_table.md", "eval_table.csv",
@@ -113,6 +114,7 @@ def test_mrdiff_test_prints_and_writes_the_table(trained, tmp_path, monkeypatch,
     expected = structure_score(images, reference_radii=radii, resolution="24")
     cell = table["rows"][0]["cells"]["24"]
     assert cell["one_sun_rate"] == pytest.approx(expected.one_sun_rate)
+    assert cell["stacked_horizon_rate"] == pytest.approx(expected.stacked_horizon_rate)
     assert cell["structure"]["mean_num_suns"] == pytest.approx(expected.mean_num_suns)
     metrics = cli.trainer.callback_metrics
     assert float(metrics["test/one_sun_rate_24"]) == pytest.approx(expected.one_sun_rate)

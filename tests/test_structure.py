@@ -15,6 +15,7 @@ from mrdiff.metrics.structure import (
     Sun,
     detect_suns,
     reference_radii,
+    stacked_horizons,
     structure_score,
     sun_mask,
 )
@@ -180,9 +181,6 @@ def test_stacked_horizons_are_sky_bands_below_a_ridge_and_never_in_the_data():
     """Going down a rendered column the luma rarely rises again below the first ridge (a nearer ridge can be
     a little lighter than a farther one): no image of the data stacks horizons. A band of the image's own
     sky pasted into its ground (the bottom fifth is always mountain) is a second horizon in every column."""
-    from mrdiff.data.synthetic import render_canvas, sample_scene
-    from mrdiff.metrics.structure import stacked_horizons
-
     truth = torch.stack([render_canvas(sample_scene(i), 64, 64) for i in range(40)])
     assert stacked_horizons(truth).mean() < 0.02 and stacked_horizons(truth).max() < 0.25  # 0.009, 0.20 here
     tiled = truth.clone()
@@ -190,3 +188,8 @@ def test_stacked_horizons_are_sky_bands_below_a_ridge_and_never_in_the_data():
     shares = stacked_horizons(tiled)
     assert shares.mean() > 0.8 and (shares > 0.25).all()
     assert stacked_horizons(truth[0]).shape == (1,)
+    # the score's rate counts images over STACKED_COLUMNS: 15 tiled of 40 is 0.375, the renders alone 0
+    radii = reference_radii(100)
+    mixed = torch.cat([tiled[:15], truth[15:]])
+    assert structure_score(mixed, reference_radii=radii, resolution="64").stacked_horizon_rate == 15 / 40
+    assert structure_score(truth, reference_radii=radii, resolution="64").stacked_horizon_rate == 0.0

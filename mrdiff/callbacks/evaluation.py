@@ -207,7 +207,7 @@ class ResolutionEvaluation(L.Callback):
             if fakes is not None:
                 score = structure_score(gather_images(fakes), reference_radii=self._reference_radii(trainer),
                                         resolution=key).as_dict()
-                cell.update(one_sun_rate=score["one_sun_rate"], radius_error=score["radius_error"])
+                cell.update({name: score[name] for name in ("one_sun_rate", "stacked_horizon_rate", "radius_error")})
                 table.structure[(variant.label, key)] = score
             table.cells[(variant.label, key)] = cell
 

@@ -18,6 +18,7 @@ from mrdiff.resolution import parse_resolution
 METRICS: dict[str, tuple[str, str]] = {
     "fid": ("FID ↓", "{:.2f}"),
     "one_sun_rate": ("one-sun rate ↑", "{:.3f}"),
+    "stacked_horizon_rate": ("stacked-horizon rate ↓", "{:.3f}"),
     "radius_error": ("sun radius error ↓", "{:.3f}"),
 }
 """Table metrics in display order: heading and number format."""

@@ -39,6 +39,9 @@ HORIZON_DROP: float = 0.08
 """Luma fall from the brightest pixel above that marks a column's first ridge (its horizon)."""
 HORIZON_REBOUND: float = 0.10
 """Luma rise above the darkest pixel since the horizon that counts as sky again: a second horizon below."""
+STACKED_COLUMNS: float = 0.25
+"""An image stacks horizons when more than this share of its columns brighten again below their horizon
+(ground-truth renders: at most 0.20 of an image's columns, none over the cut)."""
 RADIUS_RANGE_SLACK: float = 0.1
 """Relative widening of the reference radius range when checking whether a sun has a plausible size."""
 
@@ -196,7 +199,10 @@ def stacked_horizons(images: torch.Tensor) -> torch.Tensor:
     landscape stacks horizons: sky-bright bands below a ridge. A column counts when, below its first fall of
     HORIZON_DROP from the brightest pixel above, some pixel is HORIZON_REBOUND above the darkest one since.
     Rows are averaged in threes first (speckle), and sun pixels are skipped."""
-    rgb = _to_unit(_as_batch(images).detach())
+    return _unit_stacked_horizons(_to_unit(_as_batch(images).detach()))
+
+
+def _unit_stacked_horizons(rgb: torch.Tensor) -> torch.Tensor:
     land = ~_unit_sun_mask(rgb)  # sky and ridges: every pixel but the sun's
     luma = F.avg_pool2d(_unit_luma(rgb)[:, None], (3, 1), stride=1, padding=(1, 0), count_include_pad=False)[:, 0]
     brightest = torch.cummax(torch.where(land, luma, -1.0), dim=1).values
@@ -229,6 +235,9 @@ class StructureScore:
     """Share of detected suns centred in the upper half of the canvas (all ground-truth suns are)."""
     horizon_rate: float
     """Share of images whose top quarter is brighter than their bottom fifth."""
+    stacked_horizon_rate: float
+    """Share of images with stacked horizons (a tiled landscape): more than STACKED_COLUMNS of their columns
+    brighten again below their horizon (see stacked_horizons)."""
 
     def as_dict(self) -> dict[str, float | int | str]:
         """Flat dictionary of all fields, for logging."""
@@ -248,21 +257,26 @@ def _share(flags: Sequence[bool] | np.ndarray) -> float:
     return float(flags.mean()) if flags.size else math.nan
 
 
-def _scan(images: torch.Tensor, min_area_frac: float) -> tuple[list[list[Sun]], np.ndarray]:
-    """Suns and horizon flags of ``[N, 3, H, W]`` images, processed in chunks of about 4M pixels."""
+def _scan(images: torch.Tensor, min_area_frac: float, stacked: bool = False,
+          ) -> tuple[list[list[Sun]], np.ndarray, np.ndarray | None]:
+    """Suns, horizon flags and (when asked) stacked-horizon flags of ``[N, 3, H, W]`` images, processed in
+    chunks of about 4M pixels."""
     chunk = max(1, (1 << 22) // (images.shape[-2] * images.shape[-1]))
     suns: list[list[Sun]] = []
     horizon: list[torch.Tensor] = []
+    tiled: list[torch.Tensor] = []
     for start in range(0, images.shape[0], chunk):
         rgb = _to_unit(images[start : start + chunk].detach())
         suns += _detect_in_mask(_unit_sun_mask(rgb).cpu().numpy(), min_area_frac)
         horizon.append(_unit_horizon_present(rgb).cpu())
-    return suns, torch.cat(horizon).numpy()
+        if stacked:
+            tiled.append((_unit_stacked_horizons(rgb) > STACKED_COLUMNS).cpu())
+    return suns, torch.cat(horizon).numpy(), torch.cat(tiled).numpy() if stacked else None
 
 
 def sun_counts(images: torch.Tensor, min_area_frac: float = 1e-4) -> np.ndarray:
     """[N] number of detected suns per image (for intervals on the rates and means of structure_score)."""
-    suns, _ = _scan(_as_batch(images), min_area_frac)
+    suns, _, _ = _scan(_as_batch(images), min_area_frac)
     return np.array([len(s) for s in suns], dtype=np.int64)
 
 
@@ -278,7 +292,7 @@ def structure_score(
     ref = torch.as_tensor(reference_radii, dtype=torch.float64).cpu().numpy().ravel()
     if ref.size == 0 or images.shape[0] == 0:
         raise ValueError("structure_score needs at least one image and one reference radius")
-    suns, horizon = _scan(images, min_area_frac)
+    suns, horizon, tiled = _scan(images, min_area_frac, stacked=True)
     counts = np.array([len(s) for s in suns])
     flat = [sun for image_suns in suns for sun in image_suns]
     radii = np.array([sun.radius for sun in flat], dtype=np.float64)
@@ -300,6 +314,7 @@ def structure_score(
         round_rate=_share([sun.is_round for sun in flat]),
         sun_in_sky_rate=_share([sun.center[1] < 0.0 for sun in flat]),
         horizon_rate=_share(horizon),
+        stacked_horizon_rate=_share(tiled),
     )
 
 
