@@ -316,7 +316,7 @@ METRICS = (("one_sun_rate", "one-sun rate ↑ (ground truth: the data's own rate
            ("kid", "KID against the reference renders ↓ (with Inception weights)", "{:.4f}"))
 
 
-def _fmt(cell: dict | None, metric: str, pattern: str) -> str:
+def format_cell(cell: dict | None, metric: str, pattern: str) -> str:
     if not cell or metric not in cell or not math.isfinite(cell[metric]):
         return "–"
     lo, hi = cell.get(f"{metric}_lo", math.nan), cell.get(f"{metric}_hi", math.nan)
@@ -338,7 +338,8 @@ def markdown(result: dict) -> str:
             continue  # FID and KID only where Inception weights were given
         lines += [f"**{title}**", "", "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         for row, by_res in cells.items():
-            lines.append(f"| {row} | " + " | ".join(_fmt(by_res.get(c), metric, pattern) for c in columns) + " |")
+            values = (format_cell(by_res.get(c), metric, pattern) for c in columns)
+            lines.append(f"| {row} | " + " | ".join(values) + " |")
         lines.append("")
     lines += ["**Training and ε-MSE per timestep bucket at R (held-out renders; x̂0-MSE in brackets)**", ""]
     buckets = [f"{lo}-{hi}" for lo, hi in T_BUCKETS]
@@ -357,14 +358,14 @@ def markdown(result: dict) -> str:
                   "seconds |", "|---|---|---:|---:|---:|---:|---:|"]
         truth = result["cells"].get("ground truth", {}).get(base)
         if truth:
-            lines.append(f"| ground truth | – | {_fmt(truth, 'one_sun_rate', '{:.2f}')} | "
-                         f"{_fmt(truth, 'neighbour_difference', '{:.3f}')} | "
-                         f"{_fmt(truth, 'spectrum_distance', '{:.3f}')} | – | – |")
+            lines.append(f"| ground truth | – | {format_cell(truth, 'one_sun_rate', '{:.2f}')} | "
+                         f"{format_cell(truth, 'neighbour_difference', '{:.3f}')} | "
+                         f"{format_cell(truth, 'spectrum_distance', '{:.3f}')} | – | – |")
         for name, by_sampler in checks.items():
             for sampler, cell in by_sampler.items():
-                lines.append(f"| {name} | {sampler} | {_fmt(cell, 'one_sun_rate', '{:.2f}')} | "
-                             f"{_fmt(cell, 'neighbour_difference', '{:.3f}')} | "
-                             f"{_fmt(cell, 'spectrum_distance', '{:.3f}')} | {cell['saturated']:.3f} | "
+                lines.append(f"| {name} | {sampler} | {format_cell(cell, 'one_sun_rate', '{:.2f}')} | "
+                             f"{format_cell(cell, 'neighbour_difference', '{:.3f}')} | "
+                             f"{format_cell(cell, 'spectrum_distance', '{:.3f}')} | {cell['saturated']:.3f} | "
                              f"{cell['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -163,16 +163,12 @@ def test_the_curves_script_counts_the_pixels_the_patch_draws_give():
     """scripts/evidence_curves.py compares fits by training pixels: its per-step count is the mean of the
     sampler's own canvas draws (a quarter of the batches whole 64² canvases: 1.75× a patch batch's pixels),
     and a fixed model's batch is whole scenes at train_size."""
-    import importlib.util
-    from pathlib import Path
-
     import yaml
 
-    root = Path(__file__).parents[1]
-    spec = importlib.util.spec_from_file_location("evidence_curves", root / "scripts" / "evidence_curves.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    configs = root / "results" / "evidence" / "cpu_fits_remedy"
+    from tests.conftest import ROOT, load_script
+
+    script = load_script("evidence_curves")
+    configs = ROOT / "results" / "evidence" / "cpu_fits_remedy"
     canvases = yaml.safe_load((configs / "canvas25.config.yaml").read_text())["data"]
     fixed = yaml.safe_load((configs / "fixed.config.yaml").read_text())["data"]
     sampler = PatchSampler(canvases["s_min"], canvases["s_max"], canvases["patch_size"],

@@ -196,3 +196,28 @@ def test_report_figure_shows_samples_at_twice_their_pixel_size(tmp_path):
         sizes[side] = Image.open(path).size
     assert sizes[64][0] - sizes[32][0] == pytest.approx(512, abs=4)
     assert sizes[64][1] - sizes[32][1] == pytest.approx(64, abs=4)
+
+
+def test_report_summary_reads_r_and_the_chosen_size_from_the_report(tmp_path):
+    """scripts/report_summary.py: the one-sun rate at R, the other metrics at --at, each with the report's own
+    interval; a cell the report lacks is a dash; the table is also written beside the report."""
+    import json
+
+    from tests.conftest import load_script
+
+    script = load_script("report_summary")
+    cell = {"one_sun_rate": 0.8025, "one_sun_rate_lo": 0.761, "one_sun_rate_hi": 0.838, "mean_num_suns": 1.2,
+            "mean_num_suns_lo": 1.155, "mean_num_suns_hi": 1.25, "stacked_horizon_rate": 0.8675,
+            "stacked_horizon_rate_lo": 0.831, "stacked_horizon_rate_hi": 0.897, "spectrum_distance": 0.0921,
+            "spectrum_distance_lo": 0.085, "spectrum_distance_hi": 0.1, "radius_error": 0.3192}
+    report = {"meta": {"command": "python -m mrdiff.evidence …", "base_resolution": 32},
+              "cells": {"fixed": {"32": {"one_sun_rate": 0.9975, "one_sun_rate_lo": 0.986, "one_sun_rate_hi": 1.0},
+                                  "64": cell},
+                        "fixed + upsample": {"64": {"one_sun_rate": 1.0}}}}
+    (tmp_path / "table.json").write_text(json.dumps(report))
+    script.main([str(tmp_path), "--at", "64x64"])
+    lines = (tmp_path / "summary_64.md").read_text().splitlines()
+    assert lines[2].startswith("| | one-sun rate at R (32) | one-sun rate at 64 |")
+    assert lines[4] == ("| fixed | 1.00 [0.99, 1.00] | 0.80 [0.76, 0.84] | 1.20 [1.16, 1.25] | 0.87 [0.83, 0.90] | "
+                        "0.092 [0.085, 0.100] | 0.319 |")
+    assert lines[5] == "| fixed + upsample | – | 1.00 | – | – | – | – |"

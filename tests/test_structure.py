@@ -151,16 +151,9 @@ def test_reference_radii_are_ground_truth() -> None:
 def test_duplicate_diagnosis_splits_one_sun_from_an_added_small_sun():
     """scripts/duplicate_diagnosis.py: ground truth counts one sun each; pasting a second scene's smaller
     sun into a canvas counts as 'several', with the small one as the other sun."""
-    import importlib.util
-    from pathlib import Path
+    from tests.conftest import load_script
 
-    from mrdiff.data.synthetic import render_canvas, sample_scene
-    from mrdiff.metrics.structure import sun_mask
-
-    path = Path(__file__).parents[1] / "scripts" / "duplicate_diagnosis.py"
-    spec = importlib.util.spec_from_file_location("duplicate_diagnosis", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("duplicate_diagnosis")
     scenes = [sample_scene(i) for i in range(40)]
     truth = torch.stack([render_canvas(s, 64, 64) for s in scenes])
     modes = script.failure_modes(truth)
