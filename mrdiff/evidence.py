@@ -42,7 +42,7 @@ from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.diffusion.time_cond import AnalyticShift, InterpolatedTimeCond
 from mrdiff.metrics.detail import bootstrap_interval, detail_report, wilson_interval
 from mrdiff.metrics.fid import FID, configured_weights, inception, to_uint8
-from mrdiff.metrics.structure import reference_radii, structure_score, sun_counts
+from mrdiff.metrics.structure import reference_radii, scan, structure_score
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.unet import UNet
 from mrdiff.resolution import parse_resolution, resolution_key
@@ -154,12 +154,12 @@ def cell_metrics(images: torch.Tensor, reference: torch.Tensor, radii: list[floa
                  inception: InceptionScores | None = None) -> dict[str, float]:
     """Structure (one-sun and stacked-horizon rates with Wilson intervals, mean suns with a bootstrap
     interval), detail, and FID and KID against the reference renders when Inception scores are given."""
-    score = structure_score(images, reference_radii=radii, resolution=key)
-    counts = sun_counts(images).astype(float)
+    found = scan(images)  # one pass: the score and the per-image counts behind its intervals
+    score = structure_score(found, reference_radii=radii, resolution=key)
+    counts = found.counts.astype(float)
     ones = int((counts == 1).sum())
     lo, hi = wilson_interval(ones, len(counts))
-    tiled = round(score.stacked_horizon_rate * score.num_images)
-    t_lo, t_hi = wilson_interval(tiled, score.num_images)
+    t_lo, t_hi = wilson_interval(int(found.stacked.sum()), len(counts))
     n_lo, n_hi = bootstrap_interval(counts)
     return {"one_sun_rate": ones / len(counts), "one_sun_rate_lo": lo, "one_sun_rate_hi": hi,
             "mean_num_suns": float(counts.mean()), "mean_num_suns_lo": n_lo, "mean_num_suns_hi": n_hi,

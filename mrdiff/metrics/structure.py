@@ -257,44 +257,63 @@ def _share(flags: Sequence[bool] | np.ndarray) -> float:
     return float(flags.mean()) if flags.size else math.nan
 
 
-def _scan(images: torch.Tensor, min_area_frac: float, stacked: bool = False,
-          ) -> tuple[list[list[Sun]], np.ndarray, np.ndarray | None]:
-    """Suns, horizon flags and (when asked) stacked-horizon flags of ``[N, 3, H, W]`` images, processed in
-    chunks of about 4M pixels."""
+@dataclass
+class ImageScan:
+    """What one pass over ``[N, 3, H, W]`` images finds, per image: the inputs of structure_score, kept so
+    that callers who also need per-image values (intervals) do not scan the images again."""
+
+    suns: list[list[Sun]]
+    horizon: np.ndarray
+    """``[N]`` bool: the top quarter is brighter than the bottom fifth."""
+    stacked: np.ndarray
+    """``[N]`` bool: more than STACKED_COLUMNS of the columns brighten again below their horizon."""
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``[N]`` number of detected suns per image."""
+        return np.array([len(s) for s in self.suns], dtype=np.int64)
+
+
+def scan(images: torch.Tensor, min_area_frac: float = 1e-4) -> ImageScan:
+    """Suns, horizon and stacked-horizon flags of images (float in [-1, 1] or uint8), in chunks of about 4M
+    pixels."""
+    images = _as_batch(images)
     chunk = max(1, (1 << 22) // (images.shape[-2] * images.shape[-1]))
     suns: list[list[Sun]] = []
     horizon: list[torch.Tensor] = []
-    tiled: list[torch.Tensor] = []
+    stacked: list[torch.Tensor] = []
     for start in range(0, images.shape[0], chunk):
         rgb = _to_unit(images[start : start + chunk].detach())
         suns += _detect_in_mask(_unit_sun_mask(rgb).cpu().numpy(), min_area_frac)
         horizon.append(_unit_horizon_present(rgb).cpu())
-        if stacked:
-            tiled.append((_unit_stacked_horizons(rgb) > STACKED_COLUMNS).cpu())
-    return suns, torch.cat(horizon).numpy(), torch.cat(tiled).numpy() if stacked else None
+        stacked.append((_unit_stacked_horizons(rgb) > STACKED_COLUMNS).cpu())
+    return ImageScan(suns, _cat_flags(horizon), _cat_flags(stacked))
+
+
+def _cat_flags(parts: list[torch.Tensor]) -> np.ndarray:
+    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=bool)
 
 
 def sun_counts(images: torch.Tensor, min_area_frac: float = 1e-4) -> np.ndarray:
-    """[N] number of detected suns per image (for intervals on the rates and means of structure_score)."""
-    suns, _, _ = _scan(_as_batch(images), min_area_frac)
-    return np.array([len(s) for s in suns], dtype=np.int64)
+    """[N] number of detected suns per image."""
+    return scan(images, min_area_frac).counts
 
 
 def structure_score(
-    images: torch.Tensor,
+    images: torch.Tensor | ImageScan,
     *,
     reference_radii: Sequence[float] | torch.Tensor,
     resolution: str,
     min_area_frac: float = 1e-4,
 ) -> StructureScore:
-    """Score ``[N, 3, H, W]`` images (float in [-1, 1] or uint8) against ground-truth sun radii."""
-    images = _as_batch(images)
+    """Score ``[N, 3, H, W]`` images (float in [-1, 1] or uint8), or their scan, against ground-truth sun
+    radii."""
+    found = images if isinstance(images, ImageScan) else scan(images, min_area_frac)
     ref = torch.as_tensor(reference_radii, dtype=torch.float64).cpu().numpy().ravel()
-    if ref.size == 0 or images.shape[0] == 0:
+    if ref.size == 0 or not found.suns:
         raise ValueError("structure_score needs at least one image and one reference radius")
-    suns, horizon, tiled = _scan(images, min_area_frac, stacked=True)
-    counts = np.array([len(s) for s in suns])
-    flat = [sun for image_suns in suns for sun in image_suns]
+    counts = found.counts
+    flat = [sun for image_suns in found.suns for sun in image_suns]
     radii = np.array([sun.radius for sun in flat], dtype=np.float64)
     radius_mean, radius_std = _mean_std(radii)
     ref_mean, ref_std = _mean_std(ref)
@@ -313,8 +332,8 @@ def structure_score(
         radius_in_range_rate=_share((radii >= low) & (radii <= high)),
         round_rate=_share([sun.is_round for sun in flat]),
         sun_in_sky_rate=_share([sun.center[1] < 0.0 for sun in flat]),
-        horizon_rate=_share(horizon),
-        stacked_horizon_rate=_share(tiled),
+        horizon_rate=_share(found.horizon),
+        stacked_horizon_rate=_share(found.stacked),
     )
 
 
