@@ -26,13 +26,14 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mrdiff.console import info
 from mrdiff.diffusion.loss import simple_loss
-from mrdiff.diffusion.noiseshift import SearchSettings, calibrate
 from mrdiff.diffusion.samplers import SamplingSettings, ddim_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
-from mrdiff.module import DiffusionModule
-from mrdiff.nn.coords import crop_grid
+from mrdiff.grids import crop_grid
 from mrdiff.nn.unet import UNet
+from mrdiff.noiseshift.search import SearchSettings, calibrate
+from mrdiff.pipeline import DiffusionPipeline
 
 PRESETS = {  # U-Net shapes: "cpu" is small enough for a 2-core machine, "celeba" is configs/celeba.yaml
     "cpu": {"base_channels": 64, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2, "attention_levels": (2,),
@@ -154,7 +155,7 @@ def training_rows(preset: dict, device: torch.device, compile: bool) -> list[Row
         try:
             ref = diffusers_unet(preset).to(device)
         except ImportError:
-            print("mrdiff.bench: diffusers not installed (pip install -e '.[bench]'): no reference rows")
+            info("mrdiff.bench: diffusers not installed (pip install -e '.[bench]'): no reference rows")
         else:
             step = train_step(ref, shared, bf16=bf16, device=device, diffusers=True)
             rows.append(Row(f"train diffusers UNet2DModel {tag}", step, batch, [], count_flops(step)))
@@ -173,19 +174,19 @@ def training_rows(preset: dict, device: torch.device, compile: bool) -> list[Row
     return rows
 
 
-def inference_module(net: UNet, device: torch.device) -> DiffusionModule:
-    """The U-Net inside DiffusionModule, so the rows time the framework's own sampling path."""
-    return DiffusionModule(net, warmup_steps=1).to(device).eval()
+def inference_pipeline(net: UNet, device: torch.device) -> DiffusionPipeline:
+    """The U-Net in a sampling pipeline, so the rows time the framework's own sampling path."""
+    return DiffusionPipeline(net.to(device).eval(), NoiseSchedule())
 
 
 def sampling_rows(preset: dict, device: torch.device) -> list[Row]:
-    """DDIM-50 images/s per resolution with the multi-resolution U-Net in bf16 (DiffusionModule.sample)."""
-    module, rows, n = inference_module(UNet(**unet_kwargs(preset, True)), device), [], preset["sample_batch"]
+    """DDIM-50 images/s per resolution with the multi-resolution U-Net in bf16 (DiffusionPipeline.sample)."""
+    pipeline, rows, n = inference_pipeline(UNet(**unet_kwargs(preset, True)), device), [], preset["sample_batch"]
     for res in preset["resolutions"]:
 
         def run(res: int = res) -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                module.sample(list(range(n)), res, sampling=SamplingSettings("ddim", 50))
+                pipeline.sample(list(range(n)), res, sampling=SamplingSettings("ddim", 50))
 
         rows.append(Row(f"sample DDIM-50 at {res}² bf16", run, n, [], count_flops(run)))
     return rows
@@ -195,13 +196,13 @@ def calibration_seconds(preset: dict, device: torch.device) -> dict[str, float]:
     """NoiseShift calibration (50 DDIM timesteps, default search windows) seconds per resolution."""
     settings = dict(preset["calibration"])
     num_images = settings.pop("images")
-    module = inference_module(UNet(**(unet_kwargs(preset, True) | settings)), device)
-    timesteps, out = ddim_timesteps(module.schedule.num_timesteps, 50), {}
+    pipeline = inference_pipeline(UNet(**(unet_kwargs(preset, True) | settings)), device)
+    timesteps, out = ddim_timesteps(pipeline.schedule.num_timesteps, 50), {}
     for res in preset["resolutions"]:
         images = torch.rand(num_images, 3, res, res, device=device) * 2 - 1
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
-            calibrate(module.eps_fn(*module.canvas_inputs(res, res)), module.schedule, images, timesteps,
+            calibrate(pipeline.canvas_eps(res, res), pipeline.schedule, images, timesteps,
                       SearchSettings(num_images=num_images), progress=False)
         out[str(res)] = time.perf_counter() - start
     return out
@@ -243,15 +244,15 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 def report(rows: list[Row], meta: dict) -> dict:
     by_name = {r.name: r for r in rows}
     peak = meta.get("peak_bf16_tflops")
-    print(f"\nmrdiff bench — {meta['device']}, preset {meta['preset']}, median of {meta['repeats']} rounds")
-    print(f"{'row':<52} {'images/s':>10} {'s/call':>9} {'GFLOP/call':>11} {'TFLOP/s':>8}" + ("   MFU" if peak else ""))
+    info(f"\nmrdiff bench — {meta['device']}, preset {meta['preset']}, median of {meta['repeats']} rounds")
+    info(f"{'row':<52} {'images/s':>10} {'s/call':>9} {'GFLOP/call':>11} {'TFLOP/s':>8}" + ("   MFU" if peak else ""))
     for r in rows:
         line = f"{r.name:<52} {r.images_per_s:>10.2f} {statistics.median(r.seconds):>9.3f}"
         if r.flops:
             line += f" {r.flops / 1e9:>11.1f} {r.tflops_per_s:>8.3f}"
             if peak and "bf16" in r.name:
                 line += f" {r.tflops_per_s / peak:>5.1%}"
-        print(line)
+        info(line)
     ratios = {
         "fixed / diffusers (fp32)": ratio(by_name, "train fixed U-Net fp32", "train diffusers UNet2DModel fp32"),
         "fixed / diffusers (bf16)": ratio(by_name, "train fixed U-Net bf16", "train diffusers UNet2DModel bf16"),
@@ -270,10 +271,10 @@ def report(rows: list[Row], meta: dict) -> dict:
                                                          "train diffusers UNet2DModel bf16"),
         "multi-res per-sample cost over fixed (bf16 compiled)": _cost(by_name, "bf16 compiled", "per-sample scales"),
     }
-    print("\nratios")
+    info("\nratios")
     for key, value in ratios.items():
         if value is not None:
-            print(f"  {key:<50} {value:6.2f}" + ("" if "cost" not in key else f"  ({(value - 1) * 100:+.0f}%)"))
+            info(f"  {key:<50} {value:6.2f}" + ("" if "cost" not in key else f"  ({(value - 1) * 100:+.0f}%)"))
     return {"meta": meta, "ratios": ratios,
             "rows": {r.name: {"images_per_s": r.images_per_s, "seconds": r.seconds, "flops": r.flops,
                               "tflops_per_s": r.tflops_per_s,
@@ -312,12 +313,12 @@ def main() -> None:
     if not args.skip_calibration:
         result["calibration_seconds"] = calibration_seconds(preset, device)
         images = meta["calibration_images"]
-        print(f"\nNoiseShift calibration (50 DDIM timesteps, {images} images), seconds per resolution")
+        info(f"\nNoiseShift calibration (50 DDIM timesteps, {images} images), seconds per resolution")
         for res, seconds in result["calibration_seconds"].items():
-            print(f"  {res}²: {seconds:.1f} s")
+            info(f"  {res}²: {seconds:.1f} s")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\nmrdiff.bench: wrote {args.out}")
+    info(f"\nmrdiff.bench: wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mrdiff.nn.unet import UNet, norm_groups
 from mrdiff.utils import atomic_write
 
 
@@ -109,17 +108,12 @@ def trained_norm_group_channels(ckpt: dict[str, Any]) -> int:
 
 
 def check_norm_groups(module: torch.nn.Module, ckpt: dict[str, Any], path: str | os.PathLike) -> None:
-    """CheckpointError when the weights were trained with other GroupNorm groups than this U-Net has: the
-    shapes match, so loading would succeed and silently change what the network computes."""
-    net = getattr(module, "net", module)
-    if not isinstance(net, UNet):
+    """CheckpointError when the weights were trained with other GroupNorm groups than the network has (for
+    networks that can tell: `check_trained_norm_groups`, mrdiff's U-Net)."""
+    check = getattr(getattr(module, "net", module), "check_trained_norm_groups", None)
+    if check is None:
         return
-    trained = trained_norm_group_channels(ckpt)
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
-    if any(norm_groups(m.num_channels, trained) != m.num_groups for m in norms):
-        raise CheckpointError(
-            f"checkpoint {path} was trained with GroupNorm groups of norm_group_channels={trained}, but this U-Net "
-            f"has norm_group_channels={net.norm_group_channels}: set --model.net.init_args.norm_group_channels="
-            f"{trained} to use these weights"
-            + (" (they predate the setting: with 32 channels or fewer per level the network did not see t)"
-               if trained == 1 else ""))
+    try:
+        check(trained_norm_group_channels(ckpt))
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path} {error}") from None

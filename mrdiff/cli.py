@@ -1,269 +1,35 @@
-"""The `mrdiff` command: LightningCLI's fit, validate and test, plus sample and calibrate."""
+"""The `mrdiff` command: LightningCLI's fit, validate and test, plus sample and calibrate (mrdiff.trainer),
+and `mrdiff evidence …` (mrdiff.evidence); known errors end as one line."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import re
 import sys
 import warnings
-from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from torchvision.utils import save_image
 
-from mrdiff.callbacks.checkpoint import RunCheckpoint
-from mrdiff.callbacks.nonfinite import NonFiniteLossError
-from mrdiff.callbacks.progress import RunProgressBar
-from mrdiff.callbacks.sample_grid import SampleGrid
-from mrdiff.checkpoint import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    check_fits,
-    load_checkpoint,
-    load_weights,
-    run_dir_of,
-)
-from mrdiff.conditioning import model_fingerprint, time_conditionings
-from mrdiff.console import info
+from mrdiff.checkpoint import CheckpointError, check_fits, load_checkpoint
+from mrdiff.console import error as console_error
 from mrdiff.data.datamodule import MultiResDataModule
-from mrdiff.diffusion.noiseshift import SearchSettings
-from mrdiff.diffusion.noiseshift_table import Fallback, NoiseShiftTable
-from mrdiff.diffusion.samplers import Sampler, SamplingSettings
-from mrdiff.loggers import CSVRun, SaveConfig, WandbRun
+from mrdiff.diffusion.samplers import SamplingSettings
+from mrdiff.loggers import SaveConfig
 from mrdiff.metrics.fid import InceptionWeightsError
 from mrdiff.module import DiffusionModule
-from mrdiff.nn.diffusers_unet import DiffusersUNet, OptionalDependencyError
-from mrdiff.resolution import Resolution, checked_resolutions, resolution_key
-from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, atomic_write, no_space_errno, unused_path
+from mrdiff.nn.diffusers_unet import OptionalDependencyError
+from mrdiff.noiseshift.search import SearchSettings
+from mrdiff.nonfinite import NonFiniteLossError
+from mrdiff.rundir import refuse_to_overwrite, resolve_last
+from mrdiff.trainer import MrdiffTrainer
+from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, no_space_errno
 
-OVERWRITE_ENV = "MRDIFF_OVERWRITE"  # =1: `mrdiff fit` may write over a run dir that holds checkpoints
 DEBUG_ENV = "MRDIFF_DEBUG"  # =1: errors mrdiff knows about show their traceback too
-C = TypeVar("C")
-S = TypeVar("S")
-
-
-class MrdiffTrainer(Trainer):
-    """Lightning's Trainer with atomic checkpoints and the `sample` and `calibrate` subcommands."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        plugins = kwargs.pop("plugins", None) or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
-        if not any(hasattr(p, "save_checkpoint") for p in plugins):
-            plugins.append(AtomicCheckpointIO())
-        super().__init__(*args, plugins=plugins, **kwargs)
-        # Lightning's default bar, which restarts every epoch, becomes one over the run's steps. (Swapped after
-        # __init__: popping `callbacks` from kwargs would hide the argument from jsonargparse's signature reading.)
-        self.callbacks = [RunProgressBar(cb.refresh_rate) if type(cb) is TQDMProgressBar else cb
-                          for cb in self.callbacks]
-        for logger in self.loggers:
-            if isinstance(logger, WandbRun | CSVRun) and logger.dir_from_trainer:
-                logger.use_run_dir(self.default_root_dir)
-        for callback in self.checkpoint_callbacks:
-            if isinstance(callback, RunCheckpoint):
-                callback.use_run_dir(self.default_root_dir)
-
-    def _load_for_inference(self, model: DiffusionModule, ckpt_path: str | None, command: str) -> DiffusionModule:
-        if not ckpt_path and not isinstance(model.net, DiffusersUNet):  # a diffusers UNet brings its weights
-            raise ValueError(f"`mrdiff {command}` needs a trained model: pass --ckpt_path path/to/last.ckpt")
-        if ckpt_path:
-            load_weights(model, ckpt_path)
-        return model.to(self.strategy.root_device).eval()
-
-    def configured(self, kind: type[C]) -> C | None:
-        """The config's callback of this type (its settings are the defaults of `sample` and `calibrate`)."""
-        return next((cb for cb in self.callbacks if isinstance(cb, kind)), None)
-
-    def sample(
-        self,
-        model: DiffusionModule,
-        datamodule: LightningDataModule | None = None,
-        ckpt_path: str | None = None,
-        resolutions: list[Resolution] | None = None,
-        num_samples: int = 16,
-        sampler: Sampler | None = None,
-        steps: int | None = None,
-        eta: float | None = None,
-        seed: int = 0,
-        noiseshift: str | None = None,
-        noiseshift_fallback: Fallback = "error",
-        shift: Literal["none", "analytic"] = "none",
-        out_dir: str | None = None,
-    ) -> list[Path]:
-        """Write a PNG grid of `num_samples` samples per resolution; returns their paths.
-
-        Options left unset take the config's SampleGrid settings, so `--config <run>/config.yaml` samples
-        the way the run's grids were drawn; `--sampler`, `--steps` and `--eta` override the fields of its
-        SamplingSettings one by one (without a SampleGrid: DDIM-50, η = 0).
-
-        Args:
-            ckpt_path: The checkpoint to sample (its EMA weights); not needed for a pretrained diffusers UNet.
-            resolutions: Sizes to sample at, N or HxW (default: the config's SampleGrid's, else [64]).
-            num_samples: Samples per resolution, in one grid.
-            sampler: Overrides sampling.sampler: ddim, dpmpp_2m or ddpm.
-            steps: Overrides sampling.steps: network calls of DDIM or DPM-Solver++.
-            eta: Overrides sampling.eta: DDIM's η, 0 for deterministic sampling, 1 as stochastic as DDPM.
-            seed: Sample i uses seed + i at every resolution.
-            noiseshift: A NoiseShift table (JSON) from `mrdiff calibrate` for these weights.
-            noiseshift_fallback: What a size missing from the table gets: an error, the nearest calibrated
-                size's table, or t itself (identity).
-            shift: The analytic resolution shift instead (SD3-style log-SNR shift), or none.
-            out_dir: Where the grids go (default: <run dir>/samples); earlier grids are never replaced.
-        """
-        if num_samples < 1:
-            raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
-        grid = self.configured(SampleGrid)
-        resolutions = resolutions or (grid.resolutions if grid else [64])
-        sampling = overridden(grid.sampling if grid else SamplingSettings(), sampler=sampler, steps=steps, eta=eta)
-        sizes = checked_resolutions(model.net, resolutions)
-        model = self._load_for_inference(model, ckpt_path, "sample")
-        conds = time_conditionings(model, sizes, noiseshift=noiseshift, shift=shift, ckpt_path=ckpt_path,
-                                   fallback=noiseshift_fallback)
-        out = Path(out_dir) if out_dir else run_dir_of(ckpt_path, self.default_root_dir) / "samples"
-        out.mkdir(parents=True, exist_ok=True)
-        seeds = list(range(seed, seed + num_samples))
-        paths = []
-        for height, width in sizes:
-            time_cond = conds[(height, width)]
-            with self.precision_plugin.forward_context():
-                images = model.sample(seeds, height, width, sampling=sampling, time_cond=time_cond, progress=True)
-            suffix = "" if time_cond is None else ("_noiseshift" if noiseshift else f"_{shift}")
-            wanted = out / f"samples_{resolution_key(height, width)}{suffix}.png"
-            path = unused_path(wanted)
-            with atomic_write(path) as f:
-                save_image(images.float() * 0.5 + 0.5, f, format="png", nrow=max(1, int(math.sqrt(num_samples))))
-            paths.append(path)
-            kept = f" ({wanted.name} from an earlier run is kept)" if path != wanted else ""
-            info(f"mrdiff: wrote {num_samples} samples at {height}x{width} to {path}{kept}")
-        return paths
-
-
-    def calibrate(
-        self,
-        model: DiffusionModule,
-        datamodule: MultiResDataModule,
-        ckpt_path: str | None = None,
-        resolutions: list[Resolution] | None = None,
-        sampler: Sampler | None = None,
-        steps: int | None = None,
-        num_images: int | None = None,
-        coarse_window: float | None = None,
-        coarse_stride: float | None = None,
-        fine_window: float | None = None,
-        fine_stride: float | None = None,
-        max_batch: int | None = None,
-        k: float | None = None,
-        seed: int | None = None,
-        out: str | None = None,
-    ) -> Path:
-        """Calibrate NoiseShift tables for a trained model at the given resolutions.
-
-        Options left unset take the config's NoiseShiftCalibration settings (its resolutions, SamplingSettings
-        and SearchSettings), else the paper's (64², DDIM-50, 64 images, ±0.1 by 0.01 then ±0.01 by 0.001);
-        each option given overrides one field.
-
-        Args:
-            ckpt_path: The checkpoint to calibrate (its EMA weights).
-            resolutions: Sizes to calibrate, N or HxW.
-            sampler: Overrides sampling.sampler: calibrate the timesteps this sampler visits.
-            steps: Overrides sampling.steps: network calls of that sampler.
-            num_images: Overrides search.num_images: held-out images per resolution.
-            coarse_window: Overrides search.coarse_window: half-width of the coarse search, in σ_rf units.
-            coarse_stride: Overrides search.coarse_stride.
-            fine_window: Overrides search.fine_window: half-width of the fine search around the coarse choice.
-            fine_stride: Overrides search.fine_stride.
-            max_batch: Overrides search.max_batch: candidates × images per forward pass.
-            k: Overrides search.k: move t̂ only when it beats t by more than k standard errors.
-            seed: Overrides search.seed: seed of the ε draws (a second seed checks a table's bands).
-            out: The table (default: <run dir>/noiseshift.json); an existing table is merged into, not replaced.
-        """
-        from mrdiff.callbacks.noiseshift import NoiseShiftCalibration, calibrate_model, plot_table
-
-        callback = self.configured(NoiseShiftCalibration)
-        settings = overridden(callback.search if callback else SearchSettings(), coarse_window=coarse_window,
-                              coarse_stride=coarse_stride, fine_window=fine_window, fine_stride=fine_stride,
-                              num_images=num_images, max_batch=max_batch, k=k, seed=seed)
-        sampling = overridden(callback.sampling if callback else SamplingSettings(), sampler=sampler, steps=steps,
-                              eta=0.0)  # η does not change which timesteps a sampler visits
-        resolutions = resolutions or (callback.resolutions if callback else [64])
-        sizes = checked_resolutions(model.net, resolutions)
-        model = self._load_for_inference(model, ckpt_path, "calibrate")
-        source = "the config's NoiseShiftCalibration" if callback else "the defaults"
-        info(f"mrdiff: calibrating {[resolution_key(*s) for s in sizes]} for {sampling} with "
-             f"{settings.num_images} images, ±{settings.coarse_window:g} by {settings.coarse_stride:g} then "
-             f"±{settings.fine_window:g} by {settings.fine_stride:g}, k = {settings.k:g} (unset options: {source})")
-        timesteps = sampling.timesteps(model.schedule)
-        with self.precision_plugin.forward_context():
-            table = calibrate_model(model, datamodule, sizes, timesteps, settings,
-                                    checkpoint=model_fingerprint(model, ckpt_path))
-        path = Path(out) if out else run_dir_of(ckpt_path, self.default_root_dir) / "noiseshift.json"
-        if path.exists():
-            previous = NoiseShiftTable.load(path, schedule=model.schedule, checkpoint=table.checkpoint,
-                                            weights=table.weights)
-            previous.merge(table)
-            table = previous
-        table.save(path)
-        plot_table(table, path.with_suffix(".png"))
-        info(f"mrdiff: NoiseShift table for {table.resolutions()} written to {path}")
-        return path
-
-
-def overridden(settings: S, **given: Any) -> S:
-    """The settings with the options given on the command line (those not None) replaced."""
-    return dataclasses.replace(settings, **{name: value for name, value in given.items() if value is not None})
-
-
-def checkpoint_dirs(trainer: Trainer) -> list[Path]:
-    """The folders the trainer's checkpoint callbacks write to, where known before fit."""
-    return [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
-            if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-
-
-def existing_checkpoints(trainer: Trainer) -> list[Path]:
-    """Checkpoints a fit into this run dir would write over: the callbacks' *.ckpt and HPC checkpoints."""
-    found = [path for folder in checkpoint_dirs(trainer) for path in sorted(folder.glob("*.ckpt"))]
-    return found + sorted(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
-
-
-def resolve_last(trainer: Trainer) -> str | None:
-    """`--ckpt_path last` as a path: the newest last.ckpt of the checkpoint callbacks, whatever the logger.
-
-    None (a new run) only when the run holds no checkpoint at all; CheckpointError when it holds others.
-    """
-    names = [folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-             for folder in checkpoint_dirs(trainer)]
-    found = [path for path in names if path.is_file()]
-    if found:
-        return str(max(found, key=lambda path: path.stat().st_mtime))
-    if not names:
-        raise CheckpointError("--ckpt_path last: no checkpoint callback with a known folder (add "
-                              "mrdiff.callbacks.checkpoint.RunCheckpoint with save_last: true) — pass the path")
-    others = existing_checkpoints(trainer)
-    if others:
-        raise CheckpointError(f"--ckpt_path last: no {names[0].name} in {names[0].parent}, but the run holds "
-                              f"{', '.join(p.name for p in others[:3])}: pass one of them as --ckpt_path")
-    info(f"mrdiff: --ckpt_path last: no checkpoint in {names[0].parent} yet, starting a new run")
-    return None
-
-
-def refuse_to_overwrite(trainer: Trainer) -> None:
-    """A fit that does not resume must not write over a run dir that already holds checkpoints."""
-    if os.environ.get(OVERWRITE_ENV) == "1":
-        return
-    existing = existing_checkpoints(trainer)
-    if existing:
-        raise CheckpointError(
-            f"run dir {trainer.default_root_dir} already holds checkpoints "
-            f"({', '.join(p.name for p in existing[:3])}): resume with --ckpt_path last, start a new run with "
-            f"--trainer.default_root_dir <new dir>, or set {OVERWRITE_ENV}=1 to write over it"
-        )
 
 
 def training_side(multires: bool, patch_size: int, image_size: int, train_size: int | None) -> int:
@@ -288,8 +54,8 @@ class MrdiffArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         self._logger.error(message)
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
-        print(moved_option_line(message) or f"mrdiff: error: {' '.join(message.split())} (the options: {prog} --help)",
-              file=sys.stderr)
+        console_error(moved_option_line(message)
+                      or f"mrdiff: error: {' '.join(message.split())} (the options: {prog} --help)")
         self.exit(2)
 
 
@@ -411,18 +177,23 @@ def main(args: list[str] | None = None, *, exit_on_error: bool | None = None) ->
         exit_on_error = args is None
     if exit_on_error:
         info_logs_to_stdout()
+    argv = sys.argv[1:] if args is None else args
     try:
+        if argv[:1] == ["evidence"]:  # the evidence commands: plain argparse, no Trainer
+            from mrdiff.evidence.__main__ import main as evidence
+
+            return evidence(argv[1:])
         MrdiffCLI(args=args)
     except KeyboardInterrupt:
         if not exit_on_error or os.environ.get(DEBUG_ENV) == "1":
             raise
-        print("mrdiff: interrupted (files are written atomically: none was left half-written)", file=sys.stderr)
+        console_error("mrdiff: interrupted (files are written atomically: none was left half-written)")
         sys.exit(130)
     except Exception as error:
         line = error_line(error) if exit_on_error and os.environ.get(DEBUG_ENV) != "1" else None
         if line is None:
             raise
-        print(line, file=sys.stderr)
+        console_error(line)
         sys.exit(2)
 
 

@@ -15,3 +15,8 @@ from lightning.pytorch.utilities import rank_zero_only
 def info(message: str, *, stderr: bool = False) -> None:
     """Print `message` (a whole line, "mrdiff: ..." by convention) on rank zero; warnings go to stderr."""
     print(message, file=sys.stderr if stderr else sys.stdout, flush=True)
+
+
+def error(line: str) -> None:
+    """Print an error line on stderr from whichever rank hit it (every rank that fails says so)."""
+    print(line, file=sys.stderr, flush=True)

@@ -1,25 +1,21 @@
-"""DiffusionModule: wires the U-Net, the noise schedule, L_simple and the samplers into Lightning."""
+"""DiffusionModule: training in Lightning (L_simple, the optimizer, the EMA hookup); sampling is `module.pipeline`."""
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-from collections.abc import Sequence
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from mrdiff.callbacks.nonfinite import NonFiniteMode, NonFiniteSteps
 from mrdiff.checkpoint import load_weights
-from mrdiff.console import info
 from mrdiff.diffusion.loss import LossWeighting, simple_loss
-from mrdiff.diffusion.samplers import EpsFn, PerSampleNoise, Progress, SamplingSettings, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule, ScheduleKind
-from mrdiff.nn.coords import CoordMode, canvas_grid
+from mrdiff.grids import CoordMode
 from mrdiff.nn.diffusers_unet import DiffusersUNet
 from mrdiff.nn.unet import UNet
+from mrdiff.nonfinite import NonFiniteMode, NonFiniteSteps
+from mrdiff.pipeline import DiffusionPipeline
 from mrdiff.seeding import mix_seed, seeded_rng
 
 
@@ -94,14 +90,11 @@ class DiffusionModule(L.LightningModule):
             self.net.compile(mode=compile_mode, dynamic=False)
         self.nonfinite = NonFiniteSteps(nonfinite_loss)  # a callback (configure_callbacks) that owns the count
         self._generator: torch.Generator | None = None  # t, ε of a training step (seeded per step)
-        self._scale_warnings: set[tuple[int, int]] = set()  # sizes already warned about (sampling)
+        self._pipeline: DiffusionPipeline | None = None
 
     # -- training ------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, grid: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
-        return self.net(self._layout(x), t, grid, scale)
-
-    def _layout(self, x: Tensor) -> Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+        return self.net(self.pipeline.layout(x), t, grid, scale)
 
     def diffusion_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """L_simple on a (patch, grid, scale) batch, weighted as model.loss_weighting says (diffusion/loss.py)."""
@@ -174,75 +167,18 @@ class DiffusionModule(L.LightningModule):
         fused = self.device.type in ("cuda", "cpu") and not clipping
         opt = torch.optim.AdamW(self.net.parameters(), lr=h.lr, betas=tuple(h.betas),
                                 weight_decay=h.weight_decay, fused=fused)
-        # The fused AdamW kernel skips its update where `found_inf` is set (callbacks/nonfinite.py).
+        # The fused AdamW kernel skips its update where `found_inf` is set (nonfinite.py).
         warmup = max(h.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- sampling ------------------------------------------------------------------------------------
-    def eps_fn(self, grid: Tensor | None, scale: Tensor | None) -> EpsFn:
-        """ε(x, t) for the samplers, closing over one shared grid and scale (their features mixed once).
-
-        Call it where the forward passes will run (no_grad, the trainer's precision context), since the
-        prepared conditioning is computed here.
-        """
-        prepared = self.net.prepare(grid, scale)
-
-        def eps(x: Tensor, t: Tensor) -> Tensor:
-            # .forward: the eager U-Net even when model.compile compiled its __call__ for training
-            return self.net.forward(self._layout(x), t.to(x.device, torch.float32), prepared=prepared).float()
-
-        return eps
-
-    def canvas_inputs(self, height: int, width: int) -> tuple[Tensor, Tensor]:
-        """Grid of the full canvas ([1, 2, H, W]) and its scale ([1]: √(H·W), the side for a square)."""
-        self.net.check_size(height, width)
-        self.warn_outside_training_scales(height, width)
-        grid = canvas_grid(height, width, self.hparams.coord_mode, pixel_unit=self.hparams.train_resolution)
-        grid = grid[None].to(self.device)
-        scale = torch.tensor([math.sqrt(height * width)], device=self.device)
-        return grid, scale
-
-    def warn_outside_training_scales(self, height: int, width: int) -> bool:
-        """Say once per size when a canvas is larger than any the model was trained on (tiling is likely there)."""
-        scales, side = self.hparams.get("train_scales"), max(height, width)
-        if not scales or side <= max(scales) or (height, width) in self._scale_warnings:
-            return False
-        self._scale_warnings.add((height, width))
-        info(f"mrdiff: warning: sampling {height}x{width}, larger than the canvases this model was trained on "
-             f"({scales[0]}..{scales[1]} px): expect repeated structure (several suns, tiled horizons) there")
-        return True
-
-    @torch.no_grad()
-    def sample(
-        self,
-        seeds: Sequence[int],
-        height: int,
-        width: int | None = None,
-        *,
-        sampling: SamplingSettings | None = None,  # default: DDIM-50, η = 0
-        time_cond: TimeCond | None = None,
-        clip_denoised: bool = True,
-        progress: Progress = False,
-    ) -> Tensor:
-        """Images [len(seeds), C, H, W] in [−1, 1]; sample i depends only on seeds[i]."""
-        width = width or height
-        grid, scale = self.canvas_inputs(height, width)
-        noise = PerSampleNoise(seeds, self.device)
-        x_T = noise.randn((self.net_in_channels, height, width))
-        sampling = sampling or SamplingSettings()
-        with self.scaled_attention(sampling.attention_scaling):
-            x0 = sampling.run(self.eps_fn(grid, scale), self.schedule, x_T, noise=noise, time_cond=time_cond,
-                              clip_denoised=clip_denoised, progress=progress)
-        return x0.clamp(-1, 1)
-
-    def scaled_attention(self, enabled: bool) -> contextlib.AbstractContextManager:
-        """UNet.scaled_attention at the training side when enabled (no-op otherwise, and for nets without it)."""
-        if not enabled or not isinstance(self.net, UNet):
-            return contextlib.nullcontext()
-        return self.net.scaled_attention(self.hparams.train_resolution)
-
     @property
-    def net_in_channels(self) -> int:
-        return self.net.in_channels
-
+    def pipeline(self) -> DiffusionPipeline:
+        """This module's network and schedule as a sampling pipeline (mrdiff.pipeline), built once."""
+        if self._pipeline is None:
+            h = self.hparams
+            self._pipeline = DiffusionPipeline(self.net, self.schedule, coord_mode=h.coord_mode,
+                                               train_resolution=h.train_resolution, train_scales=h.train_scales,
+                                               channels_last=h.channels_last)
+        return self._pipeline

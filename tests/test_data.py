@@ -11,7 +11,7 @@ from mrdiff.data.images import ImageFolder
 from mrdiff.data.order import ResumableSampler
 from mrdiff.data.patches import PatchCollate, PatchSampler, resize
 from mrdiff.data.synthetic import render_canvas, sample_scene
-from mrdiff.nn.coords import canvas_grid
+from mrdiff.grids import canvas_grid
 
 
 def test_scale_distribution_half_at_s_min_rest_uniform():
@@ -160,14 +160,13 @@ def test_a_share_of_batches_holds_whole_canvases_at_the_listed_sides():
 
 
 def test_the_curves_script_counts_the_pixels_the_patch_draws_give():
-    """scripts/evidence_curves.py compares fits by training pixels: its per-step count is the mean of the
+    """`mrdiff evidence curves` compares fits by training pixels: its per-step count is the mean of the
     sampler's own canvas draws (a quarter of the batches whole 64² canvases: 1.75× a patch batch's pixels),
     and a fixed model's batch is whole scenes at train_size."""
     import yaml
 
-    from tests.conftest import ROOT, load_script
-
-    script = load_script("evidence_curves")
+    from mrdiff.evidence import curves as script
+    from tests.conftest import ROOT
     configs = ROOT / "results" / "evidence" / "cpu_fits_remedy"
     canvases = yaml.safe_load((configs / "canvas25.config.yaml").read_text())["data"]
     fixed = yaml.safe_load((configs / "fixed.config.yaml").read_text())["data"]

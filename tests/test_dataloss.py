@@ -21,8 +21,9 @@ import yaml
 from PIL import Image
 
 from mrdiff.checkpoint import CheckpointError, load_checkpoint
-from mrdiff.cli import OVERWRITE_ENV, MrdiffCLI, main
-from mrdiff.diffusion.noiseshift_table import weights_hash
+from mrdiff.cli import MrdiffCLI, main
+from mrdiff.noiseshift.weights import weights_hash
+from mrdiff.rundir import OVERWRITE_ENV
 from tests.conftest import ROOT, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

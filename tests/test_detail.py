@@ -71,7 +71,7 @@ def test_neighbour_difference_and_sky_colour_of_known_images():
 
 
 def test_evidence_never_overwrites_an_earlier_report(tmp_path):
-    from mrdiff.evidence import main
+    from mrdiff.evidence.report import main
 
     (tmp_path / "table.json").write_text("{}")
     with pytest.raises(SystemExit, match="already holds a report"):
@@ -88,7 +88,7 @@ def test_evidence_never_overwrites_an_earlier_report(tmp_path):
     (["--models", "multires", "--upsample", "fixed"], "--upsample fixed names models outside --models"),
 ])
 def test_evidence_rejects_rows_it_cannot_sample_before_any_work(tmp_path, args, message):
-    from mrdiff.evidence import main
+    from mrdiff.evidence.report import main
 
     with pytest.raises(SystemExit, match=re.escape(message)):
         main(["--out", str(tmp_path / "report"), "--models", "fixed", "--weights", str(tmp_path), *args])
@@ -97,11 +97,12 @@ def test_evidence_rejects_rows_it_cannot_sample_before_any_work(tmp_path, args, 
 
 @pytest.mark.slow
 def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
-    """Two exported models through `python -m mrdiff.evidence`: every row and column, the upsample baseline
+    """Two exported models through `mrdiff evidence report`: every row and column, the upsample baseline
     above R only, the sampler check, and a cell equal to the structure score of the model's own samples."""
     import json
 
-    from mrdiff.evidence import load_model, main
+    from mrdiff.evidence.report import main
+    from mrdiff.exported import load
     from mrdiff.metrics.structure import stacked_horizons, sun_counts
     from mrdiff.module import DiffusionModule
     from mrdiff.nn.unet import UNet
@@ -117,6 +118,8 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
         torch.save({"state_dict": {k: v.half() for k, v in module.state_dict().items()}, "net": net_args,
                     "module": {"train_resolution": 16, "train_scales": [16, 32]}, "data": {}, "global_step": 7,
                     "command": "test", "train_seconds": 1.0}, tmp_path / f"{name}.pt")
+        (tmp_path / name).mkdir()  # the --weights layout: <weights>/<name>/seed0.pt
+        (tmp_path / name / "seed0.pt").write_bytes((tmp_path / f"{name}.pt").read_bytes())
     out = tmp_path / "report"
     tuned = tmp_path / "elsewhere" / "tuned.pt"  # a LABEL=PATH row: the multires weights under another name
     tuned.parent.mkdir()
@@ -143,7 +146,7 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     assert report["meta"]["sampler"] == "dpmpp_2m" and report["diagnostics"]["fixed"]["global_step"] == 7
     assert set(report["diagnostics"]["multires"]["samplers"]) == {"DDIM-50", "DDIM-50 (η = 1)", "DDPM-1000",
                                                                   "DPM-Solver++(2M)-10"}
-    model, _ = load_model(tmp_path / "fixed.pt", torch.device("cpu"))
+    model, _ = load(tmp_path / "fixed.pt")
     images = model.sample([0, 1, 2, 3], 16, 16, sampling=SamplingSettings("dpmpp_2m", 2))
     assert cells["fixed"]["16"]["one_sun_rate"] == pytest.approx(float((sun_counts(images) == 1).mean()))
     tiled = int((stacked_horizons(images) > 0.25).sum())  # images with over a quarter of their columns stacked
@@ -159,7 +162,7 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
 def test_export_halves_the_weights_but_keeps_the_fourier_frequencies_exact(tmp_path):
     import yaml
 
-    from mrdiff.evidence import export, load_model
+    from mrdiff.exported import export, load
     from mrdiff.module import DiffusionModule
     from mrdiff.nn.unet import UNet
 
@@ -176,7 +179,7 @@ def test_export_halves_the_weights_but_keeps_the_fourier_frequencies_exact(tmp_p
     export(run / "checkpoints" / "last.ckpt", tmp_path / "m.pt", "test", 1.0)
     payload = torch.load(tmp_path / "m.pt", weights_only=False)
     assert payload["state_dict"]["net.stem.weight"].dtype == torch.float16
-    loaded, _ = load_model(tmp_path / "m.pt", torch.device("cpu"))
+    loaded, _ = load(tmp_path / "m.pt")
     frequencies = loaded.net.coords.matrix[:4, 0]
     assert torch.equal(frequencies, module.net.coords.matrix[:4, 0])  # 0.25 … 8 exactly, not fp16-rounded
     assert float(frequencies[1]) != float(frequencies[1].half())  # a frequency fp16 would have moved
@@ -187,7 +190,7 @@ def test_report_figure_shows_samples_at_twice_their_pixel_size(tmp_path):
     the figures differ by 512 px in width and 64 px in height, whatever the layout around them."""
     from PIL import Image
 
-    from mrdiff.evidence import save_figure
+    from mrdiff.evaluation.report import save_figure
 
     sizes = {}
     for side in (32, 64):
@@ -199,13 +202,11 @@ def test_report_figure_shows_samples_at_twice_their_pixel_size(tmp_path):
 
 
 def test_report_summary_reads_r_and_the_chosen_size_from_the_report(tmp_path):
-    """scripts/report_summary.py: the one-sun rate at R, the other metrics at --at, each with the report's own
+    """`mrdiff evidence summary`: the one-sun rate at R, the other metrics at --at, each with the report's own
     interval; a cell the report lacks is a dash; the table is also written beside the report."""
     import json
 
-    from tests.conftest import load_script
-
-    script = load_script("report_summary")
+    from mrdiff.evidence.summary import main
     cell = {"one_sun_rate": 0.8025, "one_sun_rate_lo": 0.761, "one_sun_rate_hi": 0.838, "mean_num_suns": 1.2,
             "mean_num_suns_lo": 1.155, "mean_num_suns_hi": 1.25, "stacked_horizon_rate": 0.8675,
             "stacked_horizon_rate_lo": 0.831, "stacked_horizon_rate_hi": 0.897, "spectrum_distance": 0.0921,
@@ -215,7 +216,7 @@ def test_report_summary_reads_r_and_the_chosen_size_from_the_report(tmp_path):
                                   "64": cell},
                         "fixed + upsample": {"64": {"one_sun_rate": 1.0}}}}
     (tmp_path / "table.json").write_text(json.dumps(report))
-    script.main([str(tmp_path), "--at", "64x64"])
+    main([str(tmp_path), "--at", "64x64"])
     lines = (tmp_path / "summary_64.md").read_text().splitlines()
     assert lines[2].startswith("| | one-sun rate at R (32) | one-sun rate at 64 |")
     assert lines[4] == ("| fixed | 1.00 [0.99, 1.00] | 0.80 [0.76, 0.84] | 1.20 [1.16, 1.25] | 0.87 [0.83, 0.90] | "

@@ -57,8 +57,8 @@ def test_wrapper_eps_equals_the_raw_diffusers_call(model_dir, capsys):
     with torch.no_grad():
         raw = unet(x, t).sample
         module = DiffusionModule(DiffusersUNet(str(folder)), num_timesteps=T, train_resolution=16).eval()
-        grid, scale = module.canvas_inputs(16, 24)
-        eps = module.eps_fn(grid, scale)
+        grid, scale = module.pipeline.canvas_inputs(16, 24)
+        eps = module.pipeline.eps_fn(grid, scale)
         assert torch.allclose(eps(x, t), raw, atol=1e-6, rtol=0)
         assert torch.allclose(module.net(x, t, grid, scale), raw, atol=1e-6, rtol=0)
         assert torch.allclose(module.net(x, t), raw, atol=1e-6, rtol=0)  # grid and scale change nothing
@@ -150,7 +150,7 @@ def test_sample_calibrate_test_through_the_cli(model_dir, tmp_path):
         with Image.open(run / "samples" / f"samples_{side}.png") as png:
             grid = np.asarray(png.convert("RGB")).astype(int)
         assert grid.shape == (2 * side + 6, side + 4, 3)  # two samples in one column, 2-pixel padding
-        expected = module.sample([0, 1], side, sampling=SamplingSettings("dpmpp_2m", 3))
+        expected = module.pipeline.sample([0, 1], side, sampling=SamplingSettings("dpmpp_2m", 3))
         expected = (expected * 0.5 + 0.5).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         first = grid[2:2 + side, 2:2 + side]
         assert np.abs(first - expected[0].numpy().astype(int)).max() <= 1  # the CLI sampled these weights

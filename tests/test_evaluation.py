@@ -15,9 +15,10 @@ import yaml
 from PIL import Image
 
 from mrdiff.cli import MrdiffCLI, main
+from mrdiff.data.synthetic import reference_radii
 from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.metrics.fid import WEIGHTS_ENV, InceptionWeightsError
-from mrdiff.metrics.structure import reference_radii, structure_score
+from mrdiff.metrics.structure import structure_score
 from tests.conftest import ROOT, tiny_config
 
 EVALUATION = "mrdiff.callbacks.evaluation.ResolutionEvaluation"
@@ -102,25 +103,51 @@ def test_mrdiff_test_prints_and_writes_the_table(trained, tmp_path, monkeypatch,
     assert "FID skipped" in out and "| mrdiff + analytic shift |" in out and "one-sun rate" in out
     table = json.loads((tmp_path / "run" / "eval_table.json").read_text())  # the checkpoint's run dir
     assert table["columns"] == ["16", "24"]
-    assert table["metrics"] == ["one_sun_rate", "stacked_horizon_rate", "radius_error"]
+    assert table["metrics"] == ["one_sun_rate", "stacked_horizon_rate", "radius_error", "spectrum_distance"]
     assert table["settings"]["global_step"] == 4 and table["settings"]["checkpoint"] == str(ckpt)
     assert [row["variant"] for row in table["rows"]] == ["mrdiff", "mrdiff + analytic shift"]
     assert {p.name for p in (tmp_path / "run").glob("eval_*")} >= {"eval_table.md", "eval_table.csv",
                                                                     "eval_plot.png"}
     # the cell is the structure score of seeds 0..3 sampled from the checkpoint
     model, data = load_model(config, ckpt)
-    images = model.sample([0, 1, 2, 3], 24, 24, sampling=SamplingSettings(steps=3))
+    images = model.pipeline.sample([0, 1, 2, 3], 24, 24, sampling=SamplingSettings(steps=3))
     radii = reference_radii(1000, data.hparams.seed)
     expected = structure_score(images, reference_radii=radii, resolution="24")
     cell = table["rows"][0]["cells"]["24"]
     assert cell["one_sun_rate"] == pytest.approx(expected.one_sun_rate)
     assert cell["stacked_horizon_rate"] == pytest.approx(expected.stacked_horizon_rate)
-    assert cell["structure"]["mean_num_suns"] == pytest.approx(expected.mean_num_suns)
+    assert cell["mean_num_suns"] == pytest.approx(expected.mean_num_suns)
+    assert cell["one_sun_rate_lo"] <= cell["one_sun_rate"] <= cell["one_sun_rate_hi"]  # Wilson, n = 4
+    assert "| mrdiff | " in out and " [" in out  # the printed cells carry their intervals
     metrics = cli.trainer.callback_metrics
     assert float(metrics["test/one_sun_rate_24"]) == pytest.approx(expected.one_sun_rate)
     # a radius error is logged exactly when the cell has one (nan, no sun found, is left out of the metrics)
     has_radius = table["rows"][1]["cells"]["16"]["radius_error"] is not None
     assert ("test/radius_error_16_analytic" in metrics) == has_radius
+
+
+def test_mrdiff_test_and_the_evidence_report_score_the_same_cell_the_same(trained, tmp_path):
+    """One cell code: `mrdiff test` (ResolutionEvaluation) and the evidence matrix, given the same weights,
+    seeds, sampler and size, report the same structure numbers with the same intervals, and the upsample row
+    (now in both) is the plain samples at R upsampled."""
+    from mrdiff.evaluation.matrix import Matrix, Settings
+
+    _, ckpt = trained
+    ckpt = copy_checkpoint(ckpt, tmp_path / "run")
+    config = write_config(tmp_path / "test.yaml", tmp_path / "other", evaluation(resolutions=[24], upsample=True))
+    main(["test", "--config", str(config), f"--ckpt_path={ckpt}"])
+    table = json.loads((tmp_path / "run" / "eval_table.json").read_text())
+    by_row = {row["variant"]: row["cells"]["24"] for row in table["rows"]}
+    model, data = load_model(config, ckpt)
+    matrix = Matrix(Settings(resolutions=[(24, 24)], num_samples=4, sampling=SamplingSettings(steps=3),
+                             batch_size=4, num_reference=8, variants=("plain",), upsample=("mrdiff",)))
+    matrix.radii = reference_radii(1000, data.hparams.seed)  # the data's scenes: the radii `mrdiff test` uses
+    matrix.model("mrdiff", model.pipeline, {"global_step": 4})
+    for row in ("mrdiff", "mrdiff + upsample"):
+        evidence = matrix.cells[row]["24"]
+        for metric in ("one_sun_rate", "mean_num_suns", "stacked_horizon_rate"):
+            for suffix in ("", "_lo", "_hi"):
+                assert by_row[row][metric + suffix] == pytest.approx(evidence[metric + suffix]), (row, metric)
 
 
 def calibrated_run(ckpt: Path, run_dir: Path, resolutions: str) -> tuple[Path, Path]:
@@ -146,7 +173,7 @@ def test_a_noiseshift_table_adds_a_row(trained, tmp_path):
 def test_the_noiseshift_row_feeds_the_tables_t_hat_and_auto_finds_the_run_dirs_table(trained, tmp_path,
                                                                                       monkeypatch):
     """noiseshift: auto picks up <run dir>/noiseshift.json, and that row's network calls get t̂, not t."""
-    from mrdiff.module import DiffusionModule
+    from mrdiff.pipeline import DiffusionPipeline
 
     ckpt, path = calibrated_run(trained[1], tmp_path / "run", "[16]")
     doc = json.loads(path.read_text())
@@ -155,14 +182,14 @@ def test_the_noiseshift_row_feeds_the_tables_t_hat_and_auto_finds_the_run_dirs_t
     row["band_lo"], row["band_hi"] = row["t_hat"], [t + 1 for t in row["t_hat"]]
     path.write_text(json.dumps(doc))
     fed: dict[str, list[float]] = {}
-    original = DiffusionModule.sample
+    original = DiffusionPipeline.sample
 
     def recording(self, seeds, height, width=None, *, time_cond=None, **kwargs):
         t = torch.tensor(row["t"])
         fed["plain" if time_cond is None else "noiseshift"] = (t if time_cond is None else time_cond(t)).tolist()
         return original(self, seeds, height, width, time_cond=time_cond, **kwargs)
 
-    monkeypatch.setattr(DiffusionModule, "sample", recording)
+    monkeypatch.setattr(DiffusionPipeline, "sample", recording)
     config = write_config(tmp_path / "test.yaml", tmp_path / "run",
                           evaluation(resolutions=[16], noiseshift="auto", fid=False))
     main(["test", "--config", str(config), f"--ckpt_path={ckpt}"])
@@ -175,8 +202,8 @@ def test_the_noiseshift_row_feeds_the_tables_t_hat_and_auto_finds_the_run_dirs_t
 def test_calibrate_and_sample_take_unset_options_from_the_configs_callbacks(trained, tmp_path, capsys):
     """`calibrate --config X` searches as X's NoiseShiftCalibration does, and `sample --config X` draws as X's
     SampleGrid does; an option given on the command line wins over the config's."""
-    from mrdiff.diffusion.noiseshift_table import NoiseShiftTable
     from mrdiff.diffusion.samplers import dpm_solver_timesteps
+    from mrdiff.noiseshift.table import NoiseShiftTable
 
     ckpt = copy_checkpoint(trained[1], tmp_path / "run")
     search = {"resolutions": ["16x24"], "sampling": {"sampler": "dpmpp_2m", "steps": 3},
@@ -259,8 +286,9 @@ def test_two_process_ddp_gives_the_single_process_numbers(trained, tmp_path, mon
     for res in ("16", "24"):
         one, two = single["rows"][0]["cells"][res], ddp["rows"][0]["cells"][res]
         assert one["fid"] > 0 and two["fid"] == pytest.approx(one["fid"], rel=1e-4)
-        assert two["structure"]["num_images"] == 6
-        assert two["structure"]["mean_num_suns"] == one["structure"]["mean_num_suns"]
+        assert two["fid_n"] == one["fid_n"] == 6
+        assert two["mean_num_suns"] == one["mean_num_suns"]
+        assert two["spectrum_distance"] == pytest.approx(one["spectrum_distance"])  # seed order kept by gather
         assert two["one_sun_rate"] == one["one_sun_rate"]
 
 

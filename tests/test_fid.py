@@ -206,7 +206,7 @@ def test_evidence_fid_and_kid_match_reference_formulas_on_the_features():
     """FID against scipy's Fréchet distance, KID against the unbiased MMD² with the cubic kernel, both
     computed here directly from the extractor's features (subset = the whole set, so KID is exact). The
     reference features are extracted once for all the rows scored against them."""
-    from mrdiff.evidence import InceptionScores
+    from mrdiff.evaluation.scores import InceptionScores
 
     extractor, seen = ProjectedPixels(), []
     extractor.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))

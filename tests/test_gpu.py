@@ -11,12 +11,12 @@ import math
 import pytest
 import torch
 
-from mrdiff.callbacks.nonfinite import NonFiniteGuard
 from mrdiff.cli import main
 from mrdiff.diffusion.samplers import SamplingSettings
+from mrdiff.grids import crop_grid
 from mrdiff.module import DiffusionModule
-from mrdiff.nn.coords import crop_grid
 from mrdiff.nn.unet import UNet
+from mrdiff.nonfinite import NonFiniteGuard
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -99,7 +99,7 @@ def test_compiled_training_equals_eager_within_bf16_tolerance():
 
 
 def test_sampling_and_calibration_on_cuda_match_the_cpu():
-    from mrdiff.diffusion.noiseshift import SearchSettings, calibrate
+    from mrdiff.noiseshift.search import SearchSettings, calibrate
 
     cpu = DiffusionModule(small_unet(), num_timesteps=100).eval()
     gpu = DiffusionModule(small_unet(), num_timesteps=100).eval().to(CUDA)
@@ -112,9 +112,8 @@ def test_sampling_and_calibration_on_cuda_match_the_cpu():
 
     outs = []
     for module in (cpu, gpu):
-        grid, scale = module.canvas_inputs(32, 16)
         with torch.no_grad():
-            outs.append(ddim_sample(module.eps_fn(grid, scale), module.schedule, x_T.to(module.device), steps=5,
+            outs.append(ddim_sample(module.pipeline.canvas_eps(32, 16), module.schedule, x_T.to(module.device), steps=5,
                                     clip_denoised=True).cpu())
     assert torch.allclose(outs[0], outs[1], atol=1e-2), float((outs[0] - outs[1]).abs().max())
 
@@ -123,10 +122,10 @@ def test_sampling_and_calibration_on_cuda_match_the_cpu():
     x0 = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
     tables = []
     for module in (cpu, gpu):
-        grid, scale = module.canvas_inputs(16, 16)
         with torch.no_grad():
-            tables.append(calibrate(module.eps_fn(grid, scale), module.schedule, x0.to(module.device), [90, 50, 10],
-                                    settings, progress=False).t_hat)
+            eps = module.pipeline.canvas_eps(16, 16)
+            tables.append(calibrate(eps, module.schedule, x0.to(module.device), [90, 50, 10], settings,
+                                    progress=False).t_hat)
     # the loss landscape is flat near its minimum: allow one fine stride of σ_rf (a few timesteps here)
     assert max(abs(a - b) for a, b in zip(*tables)) <= 3, tables
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrdiff.nn.coords import FourierFeatures, canvas_grid, crop_grid, grid_spacing
+from mrdiff.grids import canvas_grid, crop_grid
+from mrdiff.nn.coords import FourierFeatures, grid_spacing
 from mrdiff.nn.safa import ScaleAwareConv2d
 from mrdiff.nn.unet import Attention, ResBlock, UNet, norm_groups, timestep_embedding
 
@@ -259,12 +260,12 @@ def test_sampling_outside_the_trained_scales_warns_once(capsys):
     from mrdiff.module import DiffusionModule
 
     net = UNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), head_channels=8)
-    module = DiffusionModule(net, train_scales=[32, 64], warmup_steps=1)
-    assert not module.warn_outside_training_scales(64, 64) and not module.warn_outside_training_scales(48, 32)
-    assert module.warn_outside_training_scales(64, 128) and not module.warn_outside_training_scales(64, 128)
+    warn = DiffusionModule(net, train_scales=[32, 64], warmup_steps=1).pipeline.warn_outside_training_scales
+    assert not warn(64, 64) and not warn(48, 32)
+    assert warn(64, 128) and not warn(64, 128)
     out = capsys.readouterr().out
     assert out.count("warning") == 1 and "64x128" in out and "32..64" in out
-    assert not DiffusionModule(net, warmup_steps=1).warn_outside_training_scales(512, 512)  # unknown: silent
+    assert not DiffusionModule(net, warmup_steps=1).pipeline.warn_outside_training_scales(512, 512)  # unknown: silent
 
 
 def _probe_attention(tokens: int, reference: int | None, d: int = 8) -> float:
@@ -330,9 +331,10 @@ def test_sampling_settings_switch_scaled_attention_on_at_the_training_side_only(
     plain, scaled = (SamplingSettings(steps=3, attention_scaling=flag) for flag in (False, True))
     assert str(scaled) == "ddim-3, scaled attention"
     with torch.no_grad():
-        assert torch.equal(module.sample([0, 1], 16, sampling=scaled), module.sample([0, 1], 16, sampling=plain))
-        big = module.sample([0, 1], 32, sampling=plain)
-        assert not torch.allclose(module.sample([0, 1], 32, sampling=scaled), big, atol=1e-4)
+        sample = module.pipeline.sample
+        assert torch.equal(sample([0, 1], 16, sampling=scaled), sample([0, 1], 16, sampling=plain))
+        big = sample([0, 1], 32, sampling=plain)
+        assert not torch.allclose(sample([0, 1], 32, sampling=scaled), big, atol=1e-4)
     assert all(layer.reference_tokens is None for _, layer in net.attention_layers())  # restored after sampling
 
 
@@ -342,10 +344,10 @@ def test_shipped_weights_from_before_the_frequency_floor_keep_their_coordinates_
     from pathlib import Path
 
     from mrdiff.diffusion.samplers import SamplingSettings
-    from mrdiff.evidence import load_model
+    from mrdiff.exported import load
     from mrdiff.metrics.structure import sun_counts
 
-    model, _ = load_model(Path(__file__).parents[1] / "models/evidence_cpu_v2/multires.pt", torch.device("cpu"))
+    model, _ = load(Path(__file__).parents[1] / "models/evidence_cpu_v2/multires.pt")
     assert torch.equal(model.net.coords.matrix[:4, 0], torch.tensor([1.0, 2.0, 4.0, 8.0]))
     sampling = SamplingSettings(steps=25, eta=1.0)
     with torch.no_grad():

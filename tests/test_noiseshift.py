@@ -17,12 +17,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from mrdiff.callbacks.noiseshift import plot_table, resolution_warning, summary, unresolved
-from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate, critical_value, decide
-from mrdiff.diffusion.noiseshift_table import NoiseShiftTable, checkpoint_hash, weights_hash
 from mrdiff.diffusion.samplers import EpsFn, TimeCond, ddim_sample, ddim_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
-from mrdiff.diffusion.time_cond import AnalyticShift
+from mrdiff.noiseshift.calibration import plot_table, resolution_warning, summary, unresolved
+from mrdiff.noiseshift.search import Calibration, SearchSettings, calibrate, critical_value, decide
+from mrdiff.noiseshift.table import NoiseShiftTable
+from mrdiff.noiseshift.time_cond import AnalyticShift
+from mrdiff.noiseshift.weights import checkpoint_hash, weights_hash
 from mrdiff.resolution import resolution_key
 
 SCHEDULE = NoiseSchedule()

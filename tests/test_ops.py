@@ -125,8 +125,8 @@ def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_module_computes_the_eager_loss_and_gradients_and_keeps_checkpoint_names():
+    from mrdiff.grids import crop_grid
     from mrdiff.module import DiffusionModule
-    from mrdiff.nn.coords import crop_grid
     from mrdiff.nn.unet import UNet
 
     def build(compile):

@@ -4,7 +4,7 @@ import lightning as L
 import torch
 
 from mrdiff.callbacks.progress import RunProgressBar
-from mrdiff.cli import MrdiffTrainer
+from mrdiff.trainer import MrdiffTrainer
 
 
 class Tiny(L.LightningModule):

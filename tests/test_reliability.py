@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mrdiff.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
 from mrdiff.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint
 from mrdiff.cli import main
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.data.images import ImageFolder, load_image
+from mrdiff.nonfinite import NonFiniteGuard, NonFiniteLossError
 
 # -- data ---------------------------------------------------------------------------------------------
 

@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrdiff.data.synthetic import render_canvas, sample_scene
+from mrdiff.data.synthetic import reference_radii, render_canvas, sample_scene
 from mrdiff.metrics.structure import (
     StructureScore,
     Sun,
     detect_suns,
-    reference_radii,
     stacked_horizons,
     structure_score,
     sun_mask,
@@ -149,11 +148,9 @@ def test_reference_radii_are_ground_truth() -> None:
 
 
 def test_duplicate_diagnosis_splits_one_sun_from_an_added_small_sun():
-    """scripts/duplicate_diagnosis.py: ground truth counts one sun each; pasting a second scene's smaller
+    """`mrdiff evidence diagnose`: ground truth counts one sun each; pasting a second scene's smaller
     sun into a canvas counts as 'several', with the small one as the other sun."""
-    from tests.conftest import load_script
-
-    script = load_script("duplicate_diagnosis")
+    from mrdiff.evidence import diagnose as script
     scenes = [sample_scene(i) for i in range(40)]
     truth = torch.stack([render_canvas(s, 64, 64) for s in scenes])
     modes = script.failure_modes(truth)

@@ -16,7 +16,7 @@ from mrdiff.data.synthetic import (
     render_canvas,
     sample_scene,
 )
-from mrdiff.nn.coords import canvas_grid
+from mrdiff.grids import canvas_grid
 
 
 def test_sample_scene_is_deterministic() -> None:

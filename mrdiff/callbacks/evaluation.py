@@ -11,21 +11,21 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure, log_table
 from mrdiff.checkpoint import run_dir_of
-from mrdiff.conditioning import time_conditionings
 from mrdiff.console import info
-from mrdiff.diffusion.samplers import SamplingSettings, TimeCond
-from mrdiff.metrics.eval_table import EvalTable, Variant, finite, plot_eval_table
+from mrdiff.data.synthetic import reference_radii
+from mrdiff.diffusion.samplers import SamplingSettings
+from mrdiff.evaluation.cells import Variant, gather, generate, upsample
+from mrdiff.evaluation.scores import InceptionScores, score_cell
+from mrdiff.evaluation.table import EvalTable, finite, plot_eval_table
 from mrdiff.metrics.fid import (
     FID,
     RealStatsCache,
@@ -35,10 +35,9 @@ from mrdiff.metrics.fid import (
     rank_and_world,
     real_statistics,
     require_weights,
-    to_uint8,
 )
-from mrdiff.metrics.structure import reference_radii, structure_score
 from mrdiff.module import DiffusionModule
+from mrdiff.noiseshift.conditioning import time_conditionings
 from mrdiff.resolution import parse_resolution, resolution_key
 from mrdiff.utils import atomic_write, unused_path
 
@@ -49,15 +48,6 @@ def checkpoint_step(path: str) -> int | None:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step")
     except Exception:  # an old-format file cannot be memory-mapped; the step is only informative
         return None
-
-
-def gather_images(images: Tensor) -> Tensor:
-    """Every rank's images concatenated on every rank (identity without torch.distributed)."""
-    if rank_and_world()[1] == 1:
-        return images
-    parts: list[Tensor | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, images.cpu())
-    return torch.cat([p for p in parts if p is not None])
 
 
 class ResolutionEvaluation(L.Callback):
@@ -75,6 +65,8 @@ class ResolutionEvaluation(L.Callback):
         noiseshift: A NoiseShift table (JSON) for a "+ NoiseShift" row; "auto": <run dir>/noiseshift.json
             when it exists.
         analytic_shift: Add a "+ analytic shift" row (SD3-style log-SNR shift).
+        upsample: Add a "+ upsample" row above the training size: the plain samples at the training size,
+            bicubic-upsampled (the trivial baseline a multi-resolution model must beat).
         fid: FID on or off; None: on when Inception weights are configured.
         structure: The sun-structure score; None: on when data.source is synthetic.
         inception_weights: The Inception weights file (default: $MRDIFF_INCEPTION_WEIGHTS).
@@ -95,6 +87,7 @@ class ResolutionEvaluation(L.Callback):
         seed: int = 0,
         noiseshift: str | None = None,
         analytic_shift: bool = False,
+        upsample: bool = False,
         fid: bool | None = None,
         structure: bool | None = None,
         inception_weights: str | None = None,
@@ -110,7 +103,7 @@ class ResolutionEvaluation(L.Callback):
         self.resolutions = [parse_resolution(r) for r in resolutions]
         self.num_samples, self.num_reference = num_samples, num_reference or num_samples
         self.sampling, self.seed = sampling or SamplingSettings(), seed
-        self.noiseshift, self.analytic_shift = noiseshift, analytic_shift
+        self.noiseshift, self.analytic_shift, self.upsample = noiseshift, analytic_shift, upsample
         self.fid, self.structure, self.inception_weights = fid, structure, inception_weights
         self.feature_extractor, self.cache_dir, self.batch_size = feature_extractor, cache_dir, batch_size
         self.every_n_epochs, self.name, self.progress = every_n_epochs, name, progress
@@ -153,13 +146,15 @@ class ResolutionEvaluation(L.Callback):
 
     # -- evaluation ---------------------------------------------------------------------------------
     def variants(self) -> list[Variant]:
-        """The table's rows: the model, then + NoiseShift and + analytic shift when configured."""
-        rows = [Variant(self.name, "")]
+        """The table's rows: the model, then + NoiseShift, + analytic shift and + upsample when configured."""
+        rows = [Variant(self.name)]
         path = getattr(self, "_noiseshift_path", None if self.noiseshift == "auto" else self.noiseshift)
         if path:
-            rows.append(Variant(f"{self.name} + NoiseShift", "noiseshift", noiseshift=path))
+            rows.append(Variant(f"{self.name} + NoiseShift", "noiseshift", "noiseshift", noiseshift=path))
         if self.analytic_shift:
-            rows.append(Variant(f"{self.name} + analytic shift", "analytic", shift="analytic"))
+            rows.append(Variant(f"{self.name} + analytic shift", "analytic", "analytic"))
+        if self.upsample:
+            rows.append(Variant(f"{self.name} + upsample", "upsample", "upsample"))
         return rows
 
     def evaluate(self, trainer: L.Trainer, pl_module: DiffusionModule, stage: str) -> EvalTable:
@@ -167,23 +162,30 @@ class ResolutionEvaluation(L.Callback):
         ckpt = str(trainer.ckpt_path) if stage == "test" and trainer.ckpt_path else None
         table = EvalTable([resolution_key(h, w) for h, w in self.resolutions], self.variants(),
                           settings=self._settings(trainer, pl_module, stage, ckpt))
+        pipeline = pl_module.pipeline
         conds = {(v, hw): cond for v in table.variants  # a bad table fails before sampling
-                 for hw, cond in time_conditionings(pl_module, self.resolutions, noiseshift=v.noiseshift,
-                                                    shift=v.shift, ckpt_path=ckpt).items()}
-        if not (self._fid_on(trainer) or self._structure_on(trainer)):
-            info("mrdiff: ResolutionEvaluation has nothing to measure (no FID, structure off); skipped")
-            return table
+                 for hw, cond in time_conditionings(pipeline, self.resolutions, noiseshift=v.noiseshift,
+                                                    shift="analytic" if v.kind == "analytic" else "none",
+                                                    ckpt_path=ckpt).items()}
         was_training = pl_module.training
         pl_module.eval()
         rank, world = rank_and_world()
         batches = math.ceil(len(range(rank, self.num_samples, world)) / self.batch_size)
-        calls = len(self.sampling.timesteps(pl_module.schedule))
-        bar = tqdm(total=len(table.variants) * len(self.resolutions) * batches * calls, unit="call", smoothing=0.1,
+        sampled = [v for v in table.variants if v.kind != "upsample"] + [v for v in table.variants[:1] if self.upsample]
+        calls = len(self.sampling.timesteps(pipeline.schedule))
+        bar = tqdm(total=len(sampled) * len(self.resolutions) * batches * calls, unit="call", smoothing=0.1,
                    desc=f"{stage} evaluation ({self.sampling}, network calls)", dynamic_ncols=True,
                    disable=not self.progress or rank != 0)
+        context = trainer.precision_plugin.forward_context
+        seeds = range(self.seed, self.seed + self.num_samples)
         try:
+            base = None  # the plain samples at the training size: the upsample row's source
+            if self.upsample:
+                side = pipeline.train_resolution
+                base = generate(pipeline, seeds, side, side, sampling=self.sampling, batch_size=self.batch_size,
+                                context=context, progress=bar)
             for height, width in self.resolutions:
-                self._evaluate_resolution(trainer, pl_module, table, height, width, conds, bar)
+                self._evaluate_resolution(trainer, pl_module, table, (height, width), conds, base, context, bar)
         finally:
             bar.close()
             pl_module.train(was_training)
@@ -191,29 +193,28 @@ class ResolutionEvaluation(L.Callback):
         return table
 
     def _evaluate_resolution(self, trainer: L.Trainer, pl_module: DiffusionModule, table: EvalTable,
-                             height: int, width: int, conds: dict[tuple[Variant, tuple[int, int]], Any],
-                             bar: tqdm) -> None:
-        """Reference statistics once, then every variant's fakes at one resolution."""
-        key = resolution_key(height, width)
-        metric = self._fid_metric(trainer, pl_module, height, width)
+                             hw: tuple[int, int], conds: dict, base: Tensor | None, context, bar: tqdm) -> None:
+        """Reference images (and FID statistics) once, then every variant's cell at one size."""
+        key, pipeline = resolution_key(*hw), pl_module.pipeline
+        reference = torch.cat(list(trainer.datamodule.reference_images(*hw, self.num_reference, self.batch_size)))
+        scores = self._inception_scores(trainer, pl_module, hw, reference)
+        radii = self._reference_radii(trainer) if self._structure_on(trainer) else None
         for variant in table.variants:
-            time_cond, desc = conds[(variant, (height, width))], f"{variant.label} {key}"
-            bar.set_postfix_str(desc, refresh=False)
-            fakes = self._generate(trainer, pl_module, height, width, time_cond, metric, bar)
-            cell: dict[str, float] = {}
-            if metric is not None:
-                cell["fid"] = float(metric.compute())
-                metric.reset()
-            if fakes is not None:
-                score = structure_score(gather_images(fakes), reference_radii=self._reference_radii(trainer),
-                                        resolution=key).as_dict()
-                cell.update({name: score[name] for name in ("one_sun_rate", "stacked_horizon_rate", "radius_error")})
-                table.structure[(variant.label, key)] = score
-            table.cells[(variant.label, key)] = cell
+            bar.set_postfix_str(f"{variant.label} {key}", refresh=False)
+            if variant.kind == "upsample":
+                local = upsample(base, *hw) if base is not None else None
+            else:
+                local = generate(pipeline, range(self.seed, self.seed + self.num_samples), *hw,
+                                 sampling=self.sampling, time_cond=conds[(variant, hw)], batch_size=self.batch_size,
+                                 context=context, progress=bar)
+            if local is None or (variant.kind == "upsample" and hw[0] * hw[1] <= pipeline.train_resolution**2):
+                continue  # the upsample row exists above the training size only
+            table.cells[(variant.label, key)] = score_cell(gather(local), reference, key, radii=radii,
+                                                           inception=scores, local=local)
 
-    def _fid_metric(self, trainer: L.Trainer, pl_module: DiffusionModule, height: int, width: int,
-                    ) -> FID | None:
-        """A FID metric for one resolution with its real statistics filled in (cache or data)."""
+    def _inception_scores(self, trainer: L.Trainer, pl_module: DiffusionModule, hw: tuple[int, int],
+                          reference: Tensor) -> InceptionScores | None:
+        """FID (real statistics from the cache or the data) and KID against the reference images."""
         if not self._fid_on(trainer):
             return None
         if self._extractor is None:
@@ -222,31 +223,10 @@ class ResolutionEvaluation(L.Callback):
         metric = FID(extractor).to(pl_module.device)
         data = trainer.datamodule
         cache = RealStatsCache(self.cache_dir)
-        key = cache.key(data.describe(), height, width, self.num_reference, extractor_id(extractor))
-        num, batch = self.num_reference, self.batch_size
-        real_statistics(metric, lambda: data.reference_images(height, width, num, batch), cache=cache,
-                        key=key, progress=self.progress, total=math.ceil(num / batch))
-        return metric
-
-    @torch.no_grad()
-    def _generate(self, trainer: L.Trainer, pl_module: DiffusionModule, height: int, width: int,
-                  time_cond: TimeCond | None, metric: FID | None, bar: tqdm) -> Tensor | None:
-        """This rank's fakes: FID features into `metric`; the uint8 images when structure is on."""
-        rank, world = rank_and_world()
-        seeds = list(range(self.seed, self.seed + self.num_samples))[rank::world]
-        keep = [] if self._structure_on(trainer) else None
-        for start in range(0, len(seeds), self.batch_size):
-            with trainer.precision_plugin.forward_context():
-                images = pl_module.sample(seeds[start:start + self.batch_size], height, width,
-                                          sampling=self.sampling, time_cond=time_cond, progress=bar)
-            images = to_uint8(images)
-            if metric is not None:
-                metric.update_images(images, real=False)
-            if keep is not None:
-                keep.append(images.cpu())
-        if keep is None:
-            return None
-        return torch.cat(keep) if keep else torch.empty(0, 3, height, width, dtype=torch.uint8)
+        key = cache.key(data.describe(), *hw, self.num_reference, extractor_id(extractor))
+        real_statistics(metric, lambda: reference.split(self.batch_size), cache=cache, key=key,
+                        progress=self.progress, total=math.ceil(self.num_reference / self.batch_size))
+        return InceptionScores(reference, extractor, self.num_samples, fid=metric, batch_size=self.batch_size)
 
     # -- switches -----------------------------------------------------------------------------------
     def _fid_on(self, trainer: L.Trainer) -> bool:
@@ -316,6 +296,6 @@ class ResolutionEvaluation(L.Callback):
         for (label, res), cell in table.cells.items():
             slug = next(v.slug for v in table.variants if v.label == label)
             for metric, value in cell.items():
-                if math.isfinite(value):
+                if math.isfinite(value) and not metric.endswith(("_lo", "_hi", "_n")):
                     name = f"{stage}/{metric}_{res}" + (f"_{slug}" if slug else "")
                     pl_module.log(name, value, sync_dist=True)

@@ -90,7 +90,7 @@ class SampleGrid(L.Callback):
         """Sample the fixed seeds at one resolution, save the grid and log it."""
         seeds = list(range(self.seed, self.seed + self.num_samples))
         with trainer.precision_plugin.forward_context():
-            images = pl_module.sample(seeds, height, width, sampling=self.sampling)
+            images = pl_module.pipeline.sample(seeds, height, width, sampling=self.sampling)
         key = resolution_key(height, width)
         path = out / f"step_{step}_{key}.png"
         with atomic_write(path) as f:

@@ -16,7 +16,7 @@ from mrdiff.data.images import CelebAImages, ImageFolder
 from mrdiff.data.order import ResumableSampler
 from mrdiff.data.patches import PatchCollate, PatchSampler, prepare_full
 from mrdiff.data.synthetic import sample_scene
-from mrdiff.nn.coords import CoordMode
+from mrdiff.grids import CoordMode
 
 Source = Literal["synthetic", "folder", "celeba"]
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from mrdiff.data.synthetic import Scene, render
-from mrdiff.nn.coords import CoordMode, crop_grid
+from mrdiff.grids import CoordMode, crop_grid
 
 
 @dataclass(frozen=True)
@@ -142,9 +142,14 @@ class PatchCollate:
 
 
     def whole(self, items: Sequence[Any], side: int) -> dict[str, Tensor]:
-        """Every item whole at side², with the canvas grid and one shared scale."""
+        """Every item whole at side², with the canvas grid and one shared scale.
+
+        Pixel coordinates keep the training input side as their unit (the patch side, or `size` in
+        fixed-resolution mode), as patches and inference do, whatever the canvas side.
+        """
         images = torch.stack([prepare_full(it, side, side) for it in items])
-        grid = crop_grid(side, side, 0, 0, side, side, self.coord_mode, pixel_unit=side)
+        unit = self.sampler.patch_size if self.sampler is not None else self.size
+        grid = crop_grid(side, side, 0, 0, side, side, self.coord_mode, pixel_unit=unit)
         return {"image": images, "grid": grid.expand(len(items), -1, -1, -1).contiguous(),
                 "scale": torch.full((1,), float(side))}
 

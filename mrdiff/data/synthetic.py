@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mrdiff.nn.coords import canvas_grid
+from mrdiff.grids import canvas_grid
 
 Color = tuple[float, float, float]
 
@@ -179,3 +179,9 @@ def render(
 def render_canvas(scene: Scene, height: int, width: int, supersample: int = 4) -> torch.Tensor:
     """Render the full canvas of ``scene`` at ``height x width`` pixels, [3, H, W] in [-1, 1]."""
     return render(scene, canvas_grid(height, width), (2.0 / width, 2.0 / height), supersample)
+
+
+def reference_radii(num: int = 1000, seed: int = 0) -> list[float]:
+    """Ground-truth sun radii (canvas units) of ``num`` scenes ``sample_scene(seed + i)``: what the structure
+    score (mrdiff.metrics.structure) compares detected suns with."""
+    return [sample_scene(seed + i).sun_radius for i in range(num)]

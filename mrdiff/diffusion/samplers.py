@@ -18,11 +18,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mrdiff.diffusion.schedule import NoiseSchedule
-from mrdiff.diffusion.time_cond import identity
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 TimeCond = Callable[[Tensor], Tensor]
 Progress = bool | tqdm  # a bar per sampling run (True), none (False), or a caller's bar to tick
+
+
+def identity(t: Tensor) -> Tensor:
+    """The default time conditioning: the nominal t, as a float tensor."""
+    return t if t.is_floating_point() else t.float()
 
 
 class PerSampleNoise:

@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from mrdiff.data.synthetic import sample_scene
-
 SUN_MIN_RED: float = 0.55
 SUN_MIN_GREEN: float = 0.45
 SUN_MIN_RED_MINUS_BLUE: float = 0.17
@@ -335,8 +333,3 @@ def structure_score(
         horizon_rate=_share(found.horizon),
         stacked_horizon_rate=_share(found.stacked),
     )
-
-
-def reference_radii(num: int = 1000, seed: int = 0) -> list[float]:
-    """Ground-truth sun radii (canvas units) of ``num`` scenes ``sample_scene(seed + i)``."""
-    return [sample_scene(seed + i).sun_radius for i in range(num)]

@@ -1,8 +1,8 @@
 """What a sampler feeds the network instead of the nominal timestep t (its `time_cond` hook).
 
-identity (t itself), a NoiseShift table's interpolated t̂(t) for one resolution, and the analytic
-resolution shift. Each maps a float tensor of timesteps to another on the same device; the samplers keep
-every update coefficient at the nominal t.
+A NoiseShift table's interpolated t̂(t) for one resolution, and the analytic resolution shift (the identity,
+t itself, is `mrdiff.diffusion.samplers.identity`). Each maps a float tensor of timesteps to another on the
+same device; the samplers keep every update coefficient at the nominal t.
 """
 
 from __future__ import annotations
@@ -15,11 +15,6 @@ import torch
 from torch import Tensor
 
 from mrdiff.diffusion.schedule import NoiseSchedule
-
-
-def identity(t: Tensor) -> Tensor:
-    """Nominal t as a float tensor."""
-    return t if t.is_floating_point() else t.float()
 
 
 @dataclass

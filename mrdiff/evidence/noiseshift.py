@@ -1,6 +1,6 @@
-"""Issue 12's measurements: the noise-aware NoiseShift rule on a shipped model, written by one run.
+"""How many images a NoiseShift calibration needs: the search's rules on a shipped model, written by one run.
 
-    PYTHONPATH=. python results/noiseshift/measure.py [--model models/evidence/fixed.pt] [--size 24]
+    mrdiff evidence noiseshift --model models/fixed/seed0.pt --size 24 --out results/noiseshift_images
 
 On held-out synthetic-scene renders at one resolution (DDIM-25 timesteps, configs/quickstart.yaml's search):
 1. tables with the noise-aware rule (k = 3) for 8 and 32 images (the README's guidance), a second 32-image
@@ -11,7 +11,7 @@ On held-out synthetic-scene renders at one resolution (DDIM-25 timesteps, config
 3. DDIM-25 samples with seeds 0..S−1 without a table, with today's table and with the noise-aware one: one-sun
    rate (Wilson 95%) and spectrum distance to held-out renders (bootstrap 95%), and the paired differences
    noise-aware − today (bootstrap over seeds, 95%).
-Writes measure.json, table.md and t_hat.png next to this file (or in --out).
+Writes measure.json, table.md and t_hat.png into --out (a new folder).
 """
 
 from __future__ import annotations
@@ -28,14 +28,16 @@ import numpy as np
 import scipy.stats
 import torch
 
-from mrdiff.callbacks.noiseshift import resolution_warning, summary, unresolved
+from mrdiff.console import info
 from mrdiff.data.synthetic import render_canvas, sample_scene
-from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate
 from mrdiff.diffusion.samplers import SamplingSettings
-from mrdiff.diffusion.time_cond import InterpolatedTimeCond
-from mrdiff.evidence import HELD_OUT_SEED, load_model
+from mrdiff.evaluation.cells import HELD_OUT_SEED
+from mrdiff.exported import load
 from mrdiff.metrics.detail import bootstrap_interval, radial_power_spectrum, spectrum_distance, wilson_interval
 from mrdiff.metrics.structure import sun_counts
+from mrdiff.noiseshift.calibration import resolution_warning, summary, unresolved
+from mrdiff.noiseshift.search import Calibration, SearchSettings, calibrate
+from mrdiff.noiseshift.time_cond import InterpolatedTimeCond
 
 IMAGE_SETS = {"a": 0, "b": 10_000, "fresh": 20_000, "reference": 30_000}  # offsets above HELD_OUT_SEED
 
@@ -54,8 +56,7 @@ def t_interval(values: np.ndarray) -> tuple[float, float]:
 
 def calibrations(model, size: int, steps: list[int]) -> dict[str, dict]:
     """name → {calibration, settings, seconds, images}."""
-    grid, scale = model.canvas_inputs(size, size)
-    eps = model.eps_fn(grid, scale)
+    eps = model.canvas_eps(size, size)
     plan = {"aware_8": (8, 3.0, 0, "a"), "aware_32": (32, 3.0, 0, "a"),
             "aware_32_seed1": (32, 3.0, 1, "b"), "today_32": (32, 0.0, 0, "a")}
     out = {}
@@ -66,7 +67,7 @@ def calibrations(model, size: int, steps: list[int]) -> dict[str, dict]:
         cal = calibrate(eps, model.schedule, renders(size, num, image_set), steps, settings, progress=False)
         out[name] = {"calibration": cal, "settings": settings, "seconds": time.perf_counter() - start,
                      "images": image_set}
-        print(f"{name}: {summary(cal, k)} ({out[name]['seconds']:.0f} s)", flush=True)
+        info(f"{name}: {summary(cal, k)} ({out[name]['seconds']:.0f} s)")
     return out
 
 
@@ -87,8 +88,7 @@ def one_step_loss(eps, x_t: torch.Tensor, noise: torch.Tensor, c: float) -> np.n
 @torch.no_grad()
 def held_out_gain(model, size: int, tables: dict[str, Calibration], num: int) -> dict[str, dict]:
     """Per table: Σ_t [ℓ_i(t̂) − ℓ_i(t)] per fresh image i on fresh noise; mean and 95% t-interval."""
-    grid, scale = model.canvas_inputs(size, size)
-    eps, schedule = model.eps_fn(grid, scale), model.schedule
+    eps, schedule = model.canvas_eps(size, size), model.schedule
     x0, generator = renders(size, num, "fresh"), torch.Generator().manual_seed(12)
     totals = {name: np.zeros(num) for name in tables}
     steps = next(iter(tables.values())).t
@@ -125,7 +125,7 @@ def sampled(model, size: int, tables: dict[str, Calibration | None], num: int, s
                      "spectrum_distance": dist,
                      "spectrum_ci": bootstrap_interval(spectra, lambda s: spectrum_distance(s, ref_spectrum)),
                      "seconds": time.perf_counter() - start}
-        print(f"samples {name}: one-sun {one.mean():.3f}, spectrum {dist:.3f}", flush=True)
+        info(f"samples {name}: one-sun {one.mean():.3f}, spectrum {dist:.3f}")
     (one_a, spec_a), (one_t, spec_t) = per_seed["aware"], per_seed["today"]
     index = np.arange(num)
     out["aware_minus_today"] = {
@@ -191,17 +191,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="models/evidence/fixed.pt")
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="mrdiff evidence noiseshift", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/fixed/seed0.pt")
     p.add_argument("--size", type=int, default=24)
     p.add_argument("--num-samples", type=int, default=160)
     p.add_argument("--steps", type=int, default=25, help="DDIM steps: the timesteps calibrated and sampled")
-    p.add_argument("--out", default=str(Path(__file__).parent))
-    args = p.parse_args()
+    p.add_argument("--out", required=True, help="a new folder")
+    args = p.parse_args(argv)
+    if (Path(args.out) / "measure.json").exists():
+        raise SystemExit(f"mrdiff: error: {args.out} already holds a measurement: pass another --out")
     torch.set_num_threads(1)
     start, out = time.time(), Path(args.out)
-    model, _ = load_model(Path(args.model), torch.device("cpu"))
+    model, _ = load(args.model)
     steps = SamplingSettings("ddim", args.steps).timesteps(model.schedule)
     with torch.no_grad():
         cals = calibrations(model, args.size, steps)
@@ -219,15 +221,12 @@ def main() -> None:
               "held_out": held_out_gain(model, args.size, {"today": today, "aware": a}, 64),
               "samples": sampled(model, args.size, {"none": None, "today": today, "aware": a}, args.num_samples,
                                  args.steps, renders(args.size, 400, "reference"))}
-    result["meta"] = {"command": "PYTHONPATH=. python " + " ".join(sys.argv), "model": args.model, "size": args.size,
+    command = "mrdiff evidence noiseshift " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["meta"] = {"command": command, "model": args.model, "size": args.size,
                       "num_samples": args.num_samples, "steps": args.steps, "torch": torch.__version__,
                       "machine": platform.processor() or platform.machine(), "wall_seconds": time.time() - start}
     out.mkdir(parents=True, exist_ok=True)
     (out / "measure.json").write_text(json.dumps(result, indent=1, default=float))
     (out / "table.md").write_text(markdown(result))
     figure(cals, out / "t_hat.png")
-    print(markdown(result))
-
-
-if __name__ == "__main__":
-    main()
+    info(markdown(result))

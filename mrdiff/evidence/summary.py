@@ -1,8 +1,8 @@
 """One size of an evidence report, models down and metrics across: the layout of the README's headline tables.
 
-    python scripts/report_summary.py results/evidence/cpu_matrix_matched_seeds --at 64
+    mrdiff evidence summary results/evidence/cpu_matrix_matched_seeds --at 64
 
-Reads REPORT/table.json (written by `python -m mrdiff.evidence`), prints the table and writes it to
+Reads REPORT/table.json (written by `mrdiff evidence report`), prints the table and writes it to
 REPORT/summary_<at>.md. Every number is the report's own, with its 95% interval where the report has one.
 """
 
@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from mrdiff.evidence import format_cell
+from mrdiff.console import info
+from mrdiff.evaluation.report import format_cell
 from mrdiff.resolution import parse_resolution, resolution_key
 
 COLUMNS = (  # (metric, heading, format); the first is read at R, the others at --at
@@ -39,16 +40,13 @@ def summary(result: dict, at: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("report", type=Path, help="a folder written by python -m mrdiff.evidence")
+    parser = argparse.ArgumentParser(prog="mrdiff evidence summary", description=__doc__.split("\n")[0])
+    parser.add_argument("report", type=Path, help="a folder written by mrdiff evidence report")
     parser.add_argument("--at", required=True, help="a size of the report, e.g. 64 or 32x64")
     args = parser.parse_args(argv)
     result = json.loads((args.report / "table.json").read_text())
     at = resolution_key(*parse_resolution(args.at))
     text = summary(result, at)
     (args.report / f"summary_{at}.md").write_text(text)
-    print(text, end="")
+    info(text.rstrip())
 
-
-if __name__ == "__main__":
-    main()

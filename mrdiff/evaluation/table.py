@@ -1,7 +1,8 @@
-"""The per-resolution evaluation table: rows are variants, columns resolutions, cells metric → value.
+"""The `mrdiff test` table: rows are variants, columns resolutions, cells metric → value (with intervals).
 
-`ResolutionEvaluation` (mrdiff.callbacks.evaluation) fills it; this module renders it as Markdown, CSV,
-JSON (non-finite values become null) and a plot of FID and the one-sun rate against resolution.
+`ResolutionEvaluation` (mrdiff.callbacks.evaluation) fills it; this module renders it as Markdown (values
+with their 95% intervals), CSV, JSON (non-finite values become null) and a plot of FID and the one-sun rate
+against resolution.
 """
 
 from __future__ import annotations
@@ -11,27 +12,21 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from mrdiff.evaluation.cells import Variant
+from mrdiff.evaluation.report import format_cell
 from mrdiff.resolution import parse_resolution
 
 METRICS: dict[str, tuple[str, str]] = {
     "fid": ("FID ↓", "{:.2f}"),
+    "kid": ("KID ↓", "{:.4f}"),
     "one_sun_rate": ("one-sun rate ↑", "{:.3f}"),
     "stacked_horizon_rate": ("stacked-horizon rate ↓", "{:.3f}"),
     "radius_error": ("sun radius error ↓", "{:.3f}"),
+    "spectrum_distance": ("power-spectrum distance to the reference ↓", "{:.3f}"),
 }
 """Table metrics in display order: heading and number format."""
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A row of the table: how the sampler conditions the network on time."""
-
-    label: str  # row name, e.g. "mrdiff + NoiseShift"
-    slug: str  # suffix of logged keys: "" for the plain model
-    noiseshift: str | None = None  # NoiseShift table path
-    shift: Literal["none", "analytic"] = "none"
 
 
 @dataclass
@@ -70,9 +65,8 @@ class EvalTable:
             lines = [f"**{heading}**", "", "| | " + " | ".join(self.resolutions) + " |",
                      "|---|" + "---:|" * len(self.resolutions)]
             for v in self.variants:
-                values = [self.value(v.label, r, metric) for r in self.resolutions]
-                lines.append(f"| {v.label} | " + " | ".join("–" if math.isnan(x) else fmt.format(x)
-                                                            for x in values) + " |")
+                values = (format_cell(self.cells.get((v.label, r)), metric, fmt) for r in self.resolutions)
+                lines.append(f"| {v.label} | " + " | ".join(values) + " |")
             blocks.append("\n".join(lines))
         return "\n\n".join(blocks) + "\n"
 

@@ -4,12 +4,12 @@ A table names what it was calibrated for (the schedule, the checkpoint file's ha
 so a sampler never applies another model's shifts. It is validated on load (t̂ finite, non-decreasing,
 inside [0, T−1] and inside its band), merged per resolution, and written atomically. `time_cond` turns a
 resolution's row into the callable the samplers feed the network. The search that fills a row is
-`mrdiff.diffusion.noiseshift.calibrate`.
+`mrdiff.noiseshift.search.calibrate`; the names of the weights come from
+`mrdiff.noiseshift.weights`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -18,33 +18,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
-from mrdiff.diffusion.noiseshift import Calibration, SearchSettings
-from mrdiff.diffusion.samplers import TimeCond
+from mrdiff.diffusion.samplers import TimeCond, identity
 from mrdiff.diffusion.schedule import NoiseSchedule
-from mrdiff.diffusion.time_cond import InterpolatedTimeCond, identity
+from mrdiff.noiseshift.search import Calibration, SearchSettings
+from mrdiff.noiseshift.time_cond import InterpolatedTimeCond
 from mrdiff.resolution import parse_resolution, pixels, resolution_key
-from mrdiff.utils import atomic_write, file_hash
+from mrdiff.utils import atomic_write
 
 Fallback = Literal["error", "nearest", "identity"]
-
-checkpoint_hash = file_hash  # a table records the checkpoint it was calibrated for by this hash
-
-
-def weights_hash(module: torch.nn.Module) -> str:
-    """First 16 hex digits of a SHA-256 over the module's state_dict (names, dtypes, shapes, bytes).
-
-    Names the weights a table was calibrated for whatever file holds them: the end-of-fit table and the
-    final last.ckpt (EMA weights in both) give the same hash.
-    """
-    digest = hashlib.sha256()
-    for name, value in sorted(module.state_dict().items()):
-        tensor = value.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
 
 def _describe_schedule(d: dict[str, Any]) -> str:
     """Compact 'kind=linear, T=1000, …' for error messages."""

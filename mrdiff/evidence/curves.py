@@ -1,6 +1,6 @@
 """Training curves of evidence fits from their CSV logs: validation loss and the in-fit structure score.
 
-    python scripts/evidence_curves.py results/evidence/cpu_fits   # reads <name>.metrics*.csv, writes curves.md/.png
+    mrdiff evidence curves results/evidence/cpu_fits_matched   # reads <name>.metrics*.csv, writes curves.md/.png
 
 A resumed fit logs into a new CSV version: <name>.metrics.csv, <name>.metrics-2.csv, ... are read as one log.
 
@@ -13,13 +13,14 @@ pixels they have seen (the expectation over the canvas draws, from <name>.config
 
 from __future__ import annotations
 
+import argparse
 import csv
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
+from mrdiff.console import info
 from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.metrics.detail import wilson_interval
 
@@ -91,9 +92,12 @@ def rate_cell(rate: float, trials: int | None) -> str:
     return f"{rate:.3f} [{low:.2f}, {high:.2f}]"
 
 
-def main(folder: Path) -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="mrdiff evidence curves", description=__doc__.split("\n")[0])
+    p.add_argument("folder", type=Path, help="a folder of <name>.metrics*.csv logs (and <name>.config.yaml)")
+    folder = p.parse_args(argv).folder
     logs = logs_in(folder)
-    lines = [f"Written by `python scripts/evidence_curves.py {folder}` from the fits' CSV logs.", ""]
+    lines = [f"Written by `mrdiff evidence curves {folder}` from the fits' CSV logs.", ""]
     num_samples: dict[str, int] = {}
     pixels: dict[str, float] = {}
     for name in logs:
@@ -130,8 +134,4 @@ def main(folder: Path) -> None:
                          + " | ".join(rates + radii) + " |")
     (folder / "curves.md").write_text("\n".join(lines) + "\n")
     plot(logs, pixels, folder / "curves.png")
-    print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "results/evidence/cpu_fits"))
+    info("\n".join(lines))

@@ -1,6 +1,6 @@
 """Where the extra suns come from: a diagnosis of the 2R one-sun rate (issue 15).
 
-    python scripts/duplicate_diagnosis.py --models fixed=models/evidence_cpu_v2/fixed.pt,multires=... \
+    mrdiff evidence diagnose --models fixed=models/fixed/seed0.pt,canvases=models/canvases/seed0.pt \
         --sizes 32,64 --scaled fixed,multires --out results/evidence/duplicates_2r
 
 Samples every model at every size (DDIM-25, η = 1, seeds 0..N-1, as the 400-sample report) and splits the
@@ -27,11 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrdiff.console import info
 from mrdiff.data.synthetic import CANVAS_MARGIN, SUN_RADIUS_RANGE
 from mrdiff.diffusion.samplers import SamplingSettings
-from mrdiff.evidence import Settings, generate, load_model, references, save_figure
+from mrdiff.evaluation.cells import generate, references
+from mrdiff.evaluation.report import save_figure
+from mrdiff.exported import load
 from mrdiff.metrics.detail import bootstrap_interval, wilson_interval
-from mrdiff.metrics.structure import STACKED_COLUMNS, detect_suns, stacked_horizons
+from mrdiff.metrics.structure import scan
 
 EDGE = CANVAS_MARGIN + 0.02  # a data sun's disk stays inside ±CANVAS_MARGIN: one reaching past this is cut
 
@@ -54,7 +57,8 @@ def failure_modes(images: torch.Tensor) -> dict[str, dict[str, float]]:
     """One-sun, no-sun and several-suns rates; radii of the single suns, and of the largest and the other
     suns in images with several; the share of those others below the data's smallest radius; the share of
     images with stacked horizons (a tiled landscape)."""
-    suns = [sorted(detect_suns(image), key=lambda s: -s.radius) for image in images]
+    found = scan(images)  # the same pass as the structure score's
+    suns = [sorted(image_suns, key=lambda s: -s.radius) for image_suns in found.suns]
     counts = np.array([len(s) for s in suns])
     several = [s for s in suns if len(s) > 1]
     others = [sun.radius for s in several for sun in s[1:]]
@@ -68,7 +72,7 @@ def failure_modes(images: torch.Tensor) -> dict[str, dict[str, float]]:
         "others_below_data_min": rate(np.array(others) < SUN_RADIUS_RANGE[0]),
         "distance_to_largest": mean(distances),
         "at_edge": rate(np.array([any(max(map(abs, sun.center)) + sun.radius > EDGE for sun in s) for s in suns])),
-        "stacked_horizons": rate(stacked_horizons(images).numpy() > STACKED_COLUMNS),
+        "stacked_horizons": rate(found.stacked),
     }
 
 
@@ -104,7 +108,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mrdiff evidence diagnose", description=__doc__.split("\n")[0])
     parser.add_argument("--models", required=True, help="name=path,... (exported weights)")
     parser.add_argument("--sizes", default="64")
     parser.add_argument("--scaled", default="", help="models that also get a scaled-attention row (name,...), "
@@ -114,12 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.out.exists():
-        sys.exit(f"mrdiff: error: {args.out} exists; pass a new --out (a report is never overwritten)")
+        raise SystemExit(f"mrdiff: error: {args.out} exists; pass a new --out (a report is never overwritten)")
     start = time.time()
     sizes = [int(s) for s in args.sizes.split(",")]
     models = dict(item.split("=", 1) for item in args.models.split(","))
-    base = Settings(resolutions=[(s, s) for s in sizes], num_samples=args.num_samples, batch_size=args.batch_size,
-                    sampling=SamplingSettings(sampler="ddim", steps=25, eta=1.0))
+    base = SamplingSettings(sampler="ddim", steps=25, eta=1.0)
     cells: dict[str, dict[str, dict]] = {str(s): {} for s in sizes}
     figure: dict[str, dict[str, torch.Tensor]] = {}
     for size in sizes:
@@ -127,28 +130,26 @@ def main(argv: list[str] | None = None) -> None:
         cells[str(size)]["ground truth"] = failure_modes(truth)
         figure.setdefault("ground truth", {})[str(size)] = truth[:8]
     for name, path in models.items():
-        model, _ = load_model(Path(path), torch.device("cpu"))
+        pipeline, _ = load(path)
         for scaled in (False, True) if name in args.scaled.split(",") else (False,):
-            settings = replace(base, sampling=replace(base.sampling, attention_scaling=scaled))
+            sampling = replace(base, attention_scaling=scaled)
             row = f"{name} + scaled attention" if scaled else name
             for size in sizes:
-                if scaled and size == model.hparams.train_resolution:
+                if scaled and size == pipeline.train_resolution:
                     continue  # the same token counts as training: identical to the plain row
                 tick = time.time()
-                images = generate(model, size, size, settings)
+                images = generate(pipeline, range(args.num_samples), size, size, sampling=sampling,
+                                  batch_size=args.batch_size)
                 cells[str(size)][row] = failure_modes(images)
                 figure.setdefault(row, {})[str(size)] = images[:8]
-                print(f"{row} at {size}: one sun {cells[str(size)][row]['one_sun']['value']:.3f} "
-                      f"({time.time() - tick:.0f} s)", flush=True)
-    result = {"command": "python scripts/duplicate_diagnosis.py " + " ".join(argv or sys.argv[1:]),
+                info(f"{row} at {size}: one sun {cells[str(size)][row]['one_sun']['value']:.3f} "
+                     f"({time.time() - tick:.0f} s)")
+    result = {"command": "mrdiff evidence diagnose " + " ".join(argv or sys.argv[1:]),
               "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60,
               "num_samples": args.num_samples, "cells": cells}
     args.out.mkdir(parents=True)
     (args.out / "table.json").write_text(json.dumps(result, indent=1))
     (args.out / "table.md").write_text(markdown(result) + "\n")
     save_figure(figure, [str(s) for s in sizes], args.out / "samples.png")
-    print(markdown(result))
+    info(markdown(result))
 
-
-if __name__ == "__main__":
-    main()

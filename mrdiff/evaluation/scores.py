@@ -1,0 +1,87 @@
+"""Scoring a cell: structure, detail, FID and KID, each with its 95% interval where it is a statistic.
+
+- structure (synthetic scenes, which have one sun): the one-sun and stacked-horizon rates with Wilson
+  intervals, suns per image with a bootstrap interval, and the sun radius error;
+- detail (any data): power-spectrum distance, neighbour difference and sky colour against reference images
+  of the same size (mrdiff.metrics.detail), with bootstrap intervals;
+- Inception: FID (with its N: never compare FIDs across N) and KID, whose mean over subsets carries a
+  ±1.96·s.d. band (torchmetrics' estimate of its spread; KID is unbiased at small N, FID is not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from mrdiff.metrics.detail import bootstrap_interval, detail_report, wilson_interval
+from mrdiff.metrics.fid import FID, to_uint8
+from mrdiff.metrics.structure import ImageScan, scan, structure_score
+
+
+def rate(flags: Sequence[bool], name: str) -> dict[str, float]:
+    """{name, name_lo, name_hi}: the share of True with its Wilson 95% interval."""
+    hits, n = int(sum(bool(f) for f in flags)), len(flags)
+    lo, hi = wilson_interval(hits, n)
+    return {name: hits / n if n else float("nan"), f"{name}_lo": lo, f"{name}_hi": hi}
+
+
+def structure_metrics(found: ImageScan, radii: Sequence[float], key: str) -> dict[str, float]:
+    """One-sun and stacked-horizon rates (Wilson), suns per image (bootstrap) and the radius error."""
+    counts = found.counts.astype(float)
+    score = structure_score(found, reference_radii=radii, resolution=key)
+    n_lo, n_hi = bootstrap_interval(counts)
+    return {**rate(counts == 1, "one_sun_rate"),
+            "mean_num_suns": float(counts.mean()), "mean_num_suns_lo": n_lo, "mean_num_suns_hi": n_hi,
+            **rate(found.stacked, "stacked_horizon_rate"), "radius_error": score.radius_error}
+
+
+class InceptionScores:
+    """FID and KID of fakes against one resolution's reference images, on one feature extractor.
+
+    The reference features are extracted once and kept across every row scored against them. Give `fid` to
+    reuse a FID metric whose real statistics are already in (e.g. from the on-disk cache of `mrdiff test`).
+    Under DDP each rank updates with its own fakes and torchmetrics gathers the features on compute.
+    """
+
+    @torch.no_grad()
+    def __init__(self, reference: Tensor, extractor: torch.nn.Module, num_fakes: int, fid: FID | None = None,
+                 batch_size: int = 200) -> None:
+        device = next(extractor.parameters(), torch.empty(0)).device
+        self.batch_size = batch_size
+        self.kid = KernelInceptionDistance(feature=extractor, subset_size=min(num_fakes, len(reference), 100),
+                                           subsets=50, normalize=False, reset_real_features=False).to(device)
+        self.fid = fid if fid is not None else FID(extractor).to(device)
+        for batch in reference.split(batch_size):
+            if fid is None:
+                self.fid.update_images(batch.to(device), real=True)
+            self.kid.update(to_uint8(batch).to(device), real=True)
+
+    @torch.no_grad()
+    def __call__(self, fakes: Tensor) -> dict[str, float]:
+        """{fid, kid, kid_lo, kid_hi} of this rank's fakes (all ranks' on compute)."""
+        self.fid.reset()  # the fakes only: both metrics keep their real features
+        self.kid.reset()
+        device = self.kid.device
+        for batch in fakes.split(self.batch_size):
+            self.fid.update_images(batch.to(device), real=False)
+            self.kid.update(to_uint8(batch).to(device), real=False)
+        kid_mean, kid_std = (float(v) for v in self.kid.compute())
+        return {"fid": float(self.fid.compute()), "kid": kid_mean, "kid_lo": kid_mean - 1.96 * kid_std,
+                "kid_hi": kid_mean + 1.96 * kid_std}
+
+
+def score_cell(images: Tensor, reference: Tensor | None, key: str, *, radii: Sequence[float] | None = None,
+               inception: InceptionScores | None = None, local: Tensor | None = None) -> dict[str, float]:
+    """Every metric of one cell: structure when `radii` are given (synthetic scenes), detail against
+    `reference`, FID and KID when `inception` is given (fed `local`, this rank's shard, or `images`)."""
+    out: dict[str, float] = {}
+    if radii is not None:
+        out.update(structure_metrics(scan(images), radii, key))
+    if reference is not None:
+        out.update(detail_report(images, reference))
+    if inception is not None:
+        out.update(inception(images if local is None else local), fid_n=float(len(images)))
+    return out
