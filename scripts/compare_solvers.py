@@ -1,6 +1,6 @@
 """DDIM against DPM-Solver++(2M) on a shipped evidence model: quality per network call, with 95% intervals.
 
-    python scripts/compare_solvers.py [--weights models/evidence/fixed.pt] [--num-samples 256] [--out results/solvers]
+    python scripts/compare_solvers.py [--weights models/fixed/seed0.pt] [--num-samples 256] [--out results/solvers]
 
 Every row samples the same seeds at the model's training resolution and is scored as mrdiff.evidence scores
 its cells (one-sun rate with a Wilson interval, suns per image and the detail metrics with bootstrap
@@ -37,7 +37,7 @@ def cell(values: dict, metric: str, pattern: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", default="models/evidence/fixed.pt")
+    p.add_argument("--weights", default="models/fixed/seed0.pt")
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-reference", type=int, default=1000)

@@ -1,6 +1,6 @@
 """Where the extra suns come from: a diagnosis of the 2R one-sun rate (issue 15).
 
-    python scripts/duplicate_diagnosis.py --models fixed=models/evidence_cpu_v2/fixed.pt,multires=... \
+    python scripts/duplicate_diagnosis.py --models fixed=models/fixed_97min/seed0.pt,multires=... \
         --sizes 32,64 --scaled fixed,multires --out results/evidence/duplicates_2r
 
 Samples every model at every size (DDIM-25, η = 1, seeds 0..N-1, as the 400-sample report) and splits the
