@@ -1,6 +1,6 @@
 """Training curves of evidence fits from their CSV logs: validation loss and the in-fit structure score.
 
-    python scripts/evidence_curves.py results/evidence/cpu_fits   # reads <name>.metrics*.csv, writes curves.md/.png
+    python scripts/evidence_curves.py results/archive/cpu_fits   # reads <name>.metrics*.csv, writes curves.md/.png
 
 A resumed fit logs into a new CSV version: <name>.metrics.csv, <name>.metrics-2.csv, ... are read as one log.
 
@@ -134,4 +134,4 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "results/evidence/cpu_fits"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "results/archive/cpu_fits"))
