@@ -27,13 +27,15 @@ test-all: $(STAMP)  # both tiers in one run
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-evidence: $(STAMP)  # the synthetic-scenes Table 1: trains missing models (a GPU job), evaluates, writes results/evidence
-	$(BIN)/python -m mrdiff.evidence --train
+EVIDENCE_OUT ?= runs/evidence/report-$(shell date +%Y%m%d-%H%M%S)
+evidence: $(STAMP)  # the synthetic-scenes Table 1 at GPU size: trains the matrix (a GPU job), evaluates, reports
+	$(BIN)/mrdiff evidence report --train --models fixed,multires,canvases,no_coords,no_safa,pixel \
+	  --weights runs/evidence/weights --runs runs/evidence --out $(EVIDENCE_OUT)
 
-EVIDENCE_CPU_OUT ?= results/evidence/cpu_matrix-$(shell date +%Y%m%d-%H%M%S)
-evidence-cpu: $(STAMP)  # the CPU-sized pair: shipped models/evidence_cpu_v2 weights (or --train), evaluated as in the README
-	$(BIN)/python -m mrdiff.evidence --models fixed,multires --weights models/evidence_cpu_v2 --train \
-	  --overlay configs/evidence/cpu.yaml --runs runs/evidence_cpu_v2 --device cpu --out $(EVIDENCE_CPU_OUT) \
+EVIDENCE_CPU_OUT ?= runs/evidence/cpu_matrix-$(shell date +%Y%m%d-%H%M%S)
+evidence-cpu: $(STAMP)  # the CPU-sized pair: shipped models/fixed_97min and models/multires weights, evaluated as in the README
+	$(BIN)/mrdiff evidence report --models fixed_97min=models/fixed_97min/seed0.pt,multires_seed0=models/multires/seed0.pt \
+	  --upsample fixed_97min --device cpu --out $(EVIDENCE_CPU_OUT) \
 	  --resolutions 24,32,48,64,32x64 --num-samples 400 --batch-size 400 --sampler ddim --steps 25 --eta 1 \
 	  --variants plain,noiseshift,analytic --shifted-at 24,64 --num-reference 400
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: (1) the shipped CPU evidence models sampled at R, 2R and R x 2R, next to their evaluation
-# reports: fixed-resolution and multi-resolution (models/evidence_cpu_v2) and multi-resolution with a quarter
-# of its batches whole 2R canvases (models/remedy/multires_canvas25.pt), each trained at R = 32 for 97 minutes
+# reports: fixed-resolution and multi-resolution (models/fixed_97min/seed0.pt, models/multires/seed0.pt) and multi-resolution with a quarter
+# of its batches whole 2R canvases (models/canvases/seed0.pt), each trained at R = 32 for 97 minutes
 # on one thread of a 2-core CPU; (2) a short quickstart fit on synthetic scenes, calibrated with NoiseShift and
 # evaluated per resolution, to show the whole pipeline end to end.
 set -euo pipefail
@@ -15,8 +15,8 @@ export WANDB_MODE=${WANDB_MODE:-offline} MRDIFF_OVERWRITE=1  # the demo owns run
 
 rm -rf "$DEMO"
 echo "== 1/4 shipped models: fixed-resolution DDPM, multi-resolution, + whole canvases; at 32, 64 and 32x64 =="
-for entry in fixed=models/evidence_cpu_v2/fixed.pt multires=models/evidence_cpu_v2/multires.pt \
-             canvases=models/remedy/multires_canvas25.pt; do  # stochastic DDIM-25, as their evaluation
+for entry in fixed=models/fixed_97min/seed0.pt multires=models/multires/seed0.pt \
+             canvases=models/canvases/seed0.pt; do  # stochastic DDIM-25, as their evaluation
   model=${entry%%=*} weights=${entry#*=}
   $MRDIFF sample --config configs/evidence/base.yaml --config configs/evidence/$model.yaml \
     --config configs/evidence/cpu.yaml --ckpt_path $weights \
@@ -25,7 +25,7 @@ done
 echo
 echo "Their evaluation (400 samples per cell, 95% intervals; README 'Results'):"
 sed -n '1,14p' results/evidence/cpu_matrix_v2_97min/table.md  # the shipped 97-minute weights' 400-sample report
-echo "The canvases model (models/remedy/multires_canvas25.pt), same seeds and sampler (cpu_matrix_remedy/table.md):"
+echo "The canvases model (models/canvases/seed0.pt), same seeds and sampler (cpu_matrix_remedy/table.md):"
 sed -n '9p' results/evidence/cpu_matrix_remedy/table.md
 echo "At matched compute (937 M training pixels), two fixed and three canvases seeds at 2R: the fixed models tile"
 echo "the landscape (stacked horizons), the canvases models do not (results/evidence/cpu_matrix_matched_seeds/):"

@@ -339,7 +339,7 @@ def test_sampling_settings_switch_scaled_attention_on_at_the_training_side_only(
 
 
 def test_shipped_weights_from_before_the_frequency_floor_keep_their_coordinates_and_their_quality():
-    """models/evidence_cpu_v2 was trained with frequencies 1, 2, 4, 8 and saved without them: it must reload
+    """models/multires/seed0.pt was trained with frequencies 1, 2, 4, 8 and saved without them: it must reload
     with those, and sampling shows why (the same weights on other frequencies lose the sun)."""
     from pathlib import Path
 
@@ -347,7 +347,7 @@ def test_shipped_weights_from_before_the_frequency_floor_keep_their_coordinates_
     from mrdiff.exported import load
     from mrdiff.metrics.structure import sun_counts
 
-    model, _ = load(Path(__file__).parents[1] / "models/evidence_cpu_v2/multires.pt")
+    model, _ = load(Path(__file__).parents[1] / "models/multires/seed0.pt")
     assert torch.equal(model.net.coords.matrix[:4, 0], torch.tensor([1.0, 2.0, 4.0, 8.0]))
     sampling = SamplingSettings(steps=25, eta=1.0)
     with torch.no_grad():
