@@ -82,11 +82,8 @@ class DiffusionModule(L.LightningModule):
             net.check_training_size(train_resolution)
         if channels_last:
             self.net.to_channels_last()
-        if compile:  # in place: parameter names (and so checkpoints) stay those of the plain U-Net
-            # Static shapes: training has one patch shape. Dynamic shapes make Inductor fail on this U-Net
-            # (torch 2.14: "cannot determine truth value of Relational" in a stride-2 conv's stride order),
-            # and a static graph per sampling resolution costs a minute of compilation each, so sampling,
-            # calibration and evaluation run the eager forward (eps_fn).
+        if compile:  # in place, so checkpoints keep the plain names. Static: training has one patch shape, and
+            # Inductor fails on dynamic shapes here (torch 2.14); sampling runs the eager forward (pipeline.eps_fn).
             self.net.compile(mode=compile_mode, dynamic=False)
         self.nonfinite = NonFiniteSteps(nonfinite_loss)  # a callback (configure_callbacks) that owns the count
         self._generator: torch.Generator | None = None  # t, ε of a training step (seeded per step)
@@ -149,13 +146,12 @@ class DiffusionModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        """Evaluation happens in callbacks (mrdiff.callbacks.evaluation), which sample at every resolution."""
+        """Evaluation happens in mrdiff.callbacks.evaluation (over mrdiff.evaluation), at every resolution."""
 
     def configure_optimizers(self):
         h = self.hparams
-        # fused: one kernel for the whole update. Lightning refuses it with trainer.gradient_clip_val under
-        # AMP (model.grad_clip_norm clips here instead), and with a GradScaler (16-mixed) the gradients are
-        # still scaled when model.grad_clip_norm would see them.
+        # fused: one kernel per update. Lightning refuses it with trainer.gradient_clip_val under AMP (so
+        # model.grad_clip_norm clips here), and under 16-mixed the gradients it would see are still scaled.
         trainer = self._trainer
         clipping = trainer is not None and bool(trainer.gradient_clip_val)
         scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
@@ -165,9 +161,8 @@ class DiffusionModule(L.LightningModule):
                 "(gradients are scaled then): keep one clipping setting, trainer.gradient_clip_val with 16-mixed"
             )
         fused = self.device.type in ("cuda", "cpu") and not clipping
-        opt = torch.optim.AdamW(self.net.parameters(), lr=h.lr, betas=tuple(h.betas),
-                                weight_decay=h.weight_decay, fused=fused)
-        # The fused AdamW kernel skips its update where `found_inf` is set (nonfinite.py).
+        opt = torch.optim.AdamW(self.net.parameters(), lr=h.lr, betas=tuple(h.betas),  # fused: skips the update
+                                weight_decay=h.weight_decay, fused=fused)  # where found_inf is set (nonfinite.py)
         warmup = max(h.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

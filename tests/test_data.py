@@ -177,3 +177,23 @@ def test_the_curves_script_counts_the_pixels_the_patch_draws_give():
     assert script.pixels_per_step(canvases) == pytest.approx(drawn, rel=0.04)  # 3σ of 4,000 draws: 3.5%
     assert script.pixels_per_step(fixed) == 32 * 32**2
     assert script.pixels_per_step(canvases) / script.pixels_per_step(fixed) == pytest.approx(1.75)
+
+
+def test_pixel_coordinates_share_one_unit_in_patches_whole_canvases_and_inference():
+    """coord_mode=pixel: the training patch side is the unit everywhere, so pixel (i, j) of a 32² canvas gets
+    the same coordinate in a 16² patch cut from it, in a whole-canvas batch and at inference:
+    x_j = (2j + 1)/16 − 1, from −15/16 at the first pixel to 47/16 at the last."""
+    from mrdiff.data.synthetic import sample_scene
+    from mrdiff.module import DiffusionModule
+    from mrdiff.nn.unet import UNet
+
+    sampler = PatchSampler(32, 32, 16, coord_mode="pixel", canvas_fraction=1.0, canvas_sizes=(32,))
+    collate = PatchCollate(sampler, size=16, coord_mode="pixel")
+    canvas = collate.whole([sample_scene(0)], 32)["grid"][0]
+    patch = sampler.grid(32, 8, 12)  # rows 8..23, columns 12..27 of the 32² canvas
+    net = UNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), coord_frequencies=2)
+    module = DiffusionModule(net, coord_mode="pixel", train_resolution=16, warmup_steps=1)
+    inference = module.pipeline.canvas_inputs(32, 32)[0][0]
+    assert torch.equal(canvas, inference)
+    assert torch.equal(patch, canvas[:, 8:24, 12:28])
+    assert canvas[0, 0, 0] == -15 / 16 and canvas[0, 0, 31] == 47 / 16 and canvas[1, 31, 0] == 47 / 16
