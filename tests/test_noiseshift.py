@@ -20,47 +20,15 @@ from torch import Tensor
 from mrdiff.callbacks.noiseshift import plot_table, resolution_warning, summary, unresolved
 from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate, critical_value, decide
 from mrdiff.diffusion.noiseshift_table import NoiseShiftTable, checkpoint_hash, weights_hash
-from mrdiff.diffusion.samplers import EpsFn, TimeCond, ddim_sample, ddim_timesteps
+from mrdiff.diffusion.samplers import TimeCond, ddim_sample, ddim_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.diffusion.time_cond import AnalyticShift
 from mrdiff.resolution import resolution_key
+from tests.helpers import closed_form_t_hat, gaussian_images, oracle
 
 SCHEDULE = NoiseSchedule()
 STRIDE = SearchSettings().fine_stride
 MID_T = [500, 600, 700, 800]  # where 2^22 oracle pixels pin the optimum to < 1/8 fine stride (1 s.d.)
-
-
-def oracle(schedule: NoiseSchedule, v: float) -> EpsFn:
-    """ε*(x; c, v) = √(1−ᾱ_c) x / (ᾱ_c v + 1 − ᾱ_c), ᾱ_c at fractional c."""
-
-    def eps(x: Tensor, c: Tensor) -> Tensor:
-        ab = schedule.alphas_cumprod_at(c).to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        return (1 - ab).sqrt() * x / (ab * v + 1 - ab)
-
-    return eps
-
-
-def closed_form_t_hat(schedule: NoiseSchedule, t: int, s2: float, v: float) -> float:
-    """Solve √(1−ᾱ_c)/(ᾱ_c v + 1−ᾱ_c) = √(1−ᾱ_t)/(ᾱ_t s² + 1−ᾱ_t) for fractional c by bisection (v ≥ 1)."""
-    ab = float(schedule.alphas_cumprod[t])
-    target = math.sqrt(1 - ab) / (ab * s2 + 1 - ab)
-
-    def gain(c: float) -> float:
-        a = float(schedule.alphas_cumprod_at(c))
-        return math.sqrt(1 - a) / (a * v + 1 - a)
-
-    lo, hi = 0.0, schedule.num_timesteps - 1.0
-    assert gain(lo) < target < gain(hi), "optimum outside [0, T-1]"
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if gain(mid) < target else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-def gaussian_images(n: int, shape: tuple[int, ...], variance: float, seed: int = 1234) -> Tensor:
-    """x_0 ~ N(0, variance I), from a seed distinct from the search's ε seed."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, *shape), generator=g) * math.sqrt(variance)
 
 
 def sigma_gap(schedule: NoiseSchedule, a: float, b: float) -> float:
