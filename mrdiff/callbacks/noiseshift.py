@@ -15,6 +15,7 @@ from mrdiff.callbacks.media import log_figure
 from mrdiff.console import info
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.noiseshift import Calibration, SearchSettings, calibrate
+from mrdiff.diffusion.noiseshift_pooled import pooled_summary
 from mrdiff.diffusion.noiseshift_table import NoiseShiftTable, weights_hash
 from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.diffusion.schedule import NoiseSchedule
@@ -64,11 +65,14 @@ def calibrate_model(
 def summary(calibration: Calibration, k: float) -> str:
     """'t̂ moved at 3 of 25 timesteps (k = 3), t̂ − t from −12.0 to +0.0, median band width 8.1 timesteps'."""
     shift = np.asarray(calibration.t_hat) - np.asarray(calibration.t)
-    line = (f"t̂ moved at {calibration.moved} of {len(shift)} timesteps (k = {k:g}), "
+    rule = f"k = {k:g}" if calibration.rule == "per_timestep" else calibration.rule
+    line = (f"t̂ moved at {calibration.moved} of {len(shift)} timesteps ({rule}), "
             f"t̂ − t from {shift.min():+.1f} to {shift.max():+.1f}")
     if calibration.has_uncertainty:
         width = np.asarray(calibration.band_hi) - np.asarray(calibration.band_lo)
         line += f", median band width {np.median(width):.1f} timesteps"
+    if calibration.pooled is not None:
+        line += "; " + pooled_summary(calibration)
     return line
 
 

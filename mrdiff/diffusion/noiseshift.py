@@ -10,7 +10,10 @@ searching coarse-to-fine in σ_rf = √(1−ᾱ)/(√ᾱ + √(1−ᾱ)) units. 
 on the same (x_0, ε) pairs (common random numbers), so the per-image differences ℓ_i(c) − ℓ_i(c') give a
 paired standard error for every comparison. At high t the objective is nearly flat in c and its argmin is
 mostly Monte-Carlo noise, so t̂ stays at t unless the best candidate beats t by more than k standard errors
-(`decide`). The search runs from high to low t and keeps t̂ monotone.
+(`decide`). The search runs from high to low t and keeps t̂ monotone. That is `rule="per_timestep"`;
+`rule="argmin"` is the same search with k = 0. The default, `rule="pooled"`, fits one smooth monotone curve
+t̂(t) to all timesteps' paired losses at once and accepts it against the identity by one held-out test
+(`noiseshift_pooled.py`).
 
 The result is stored per resolution in a `NoiseShiftTable` (JSON; `noiseshift_table.py`), with ℓ(t̂) − ℓ(t),
 its standard error and the band of candidates tied with the best. Its `time_cond` plugs into the samplers:
@@ -22,8 +25,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import scipy.stats
@@ -35,6 +38,8 @@ from mrdiff.diffusion.samplers import EpsFn
 from mrdiff.diffusion.schedule import NoiseSchedule
 
 _ROUND = 6  # candidates are rounded to 1e-6 timesteps so that near-identical values are scored once
+Rule = Literal["pooled", "per_timestep", "argmin"]
+RULES: tuple[str, ...] = ("pooled", "per_timestep", "argmin")
 
 
 # -- search ----------------------------------------------------------------------------------------------
@@ -51,6 +56,10 @@ class SearchSettings:
         max_batch: Candidates × images per forward pass.
         seed: Seed of the ε draws, common to all candidates (a second seed checks a table's bands).
         k: Move t̂ only when the best candidate beats t by more than k standard errors; 0: plain argmin.
+            The pooled rule draws its band k bootstrap standard errors either side of the curve.
+        rule: "pooled" (one curve for all timesteps, accepted against the identity by one held-out paired
+            test; scores the coarse grid only), "per_timestep" (the k-standard-error test at each t) or
+            "argmin" (per_timestep with k = 0).
     """
 
     coarse_window: float = 0.1
@@ -61,6 +70,7 @@ class SearchSettings:
     max_batch: int = 256
     seed: int = 0
     k: float = 3.0
+    rule: Rule = "pooled"
 
     def __post_init__(self) -> None:
         """Reject settings that cannot define a search grid or a decision."""
@@ -75,16 +85,21 @@ class SearchSettings:
                              f"got {self.num_images}")
         if self.max_batch < 1:
             raise ValueError(f"SearchSettings.max_batch must be >= 1, got {self.max_batch}")
+        if self.rule not in RULES:
+            raise ValueError(f"SearchSettings.rule must be one of {list(RULES)}, got {self.rule!r}")
 
 
 _UNCERTAINTY = ("loss_diff", "loss_diff_se", "band_lo", "band_hi")
+_COLUMNS = ("t", "t_hat", "loss_t", "loss_t_hat", *_UNCERTAINTY)
 
 
 @dataclass
 class Calibration:
     """One resolution's table, sorted by ascending t: t̂(t), the one-step losses at t and at t̂, and (tables
     from the noise-aware search) the paired loss difference ℓ(t̂) − ℓ(t), its standard error, and the band
-    [band_lo, band_hi] of conditioning values the data cannot tell apart from the best one.
+    [band_lo, band_hi] of conditioning values the data cannot tell apart from the best one. `rule` names the
+    rule that chose t̂ (tables without it are per_timestep); `pooled` holds the pooled rule's curve and its
+    acceptance test (`noiseshift_pooled.PooledFit`; accepted False: the table is the identity).
     """
 
     t: list[float]
@@ -95,13 +110,17 @@ class Calibration:
     loss_diff_se: list[float] | None = None  # its standard error (sample s.d. of the differences / √N)
     band_lo: list[float] | None = None  # conditioning values in [band_lo, band_hi] are not ruled out
     band_hi: list[float] | None = None  # (`decide`): the band t̂ could lie in
+    rule: str = "per_timestep"  # SearchSettings.rule of the search that made this table
+    pooled: dict[str, Any] | None = None  # rule "pooled": coefficients and the held-out test
 
     def __post_init__(self) -> None:
         """Check lengths, finite values, strictly increasing t (np.interp in time_cond), monotone t̂, bands."""
         present = [name for name in _UNCERTAINTY if getattr(self, name) is not None]
         if present and len(present) != len(_UNCERTAINTY):
             raise ValueError(f"calibration holds {present} but not all of {list(_UNCERTAINTY)}")
-        columns = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.rule not in RULES:
+            raise ValueError(f"calibration rule must be one of {list(RULES)}, got {self.rule!r}")
+        columns = {k: getattr(self, k) for k in _COLUMNS if getattr(self, k) is not None}
         lengths = {len(v) for v in columns.values()}
         if len(lengths) != 1 or not self.t:
             raise ValueError(f"calibration lists must be non-empty and equally long, got lengths {lengths}")
@@ -137,9 +156,14 @@ class Calibration:
                 raise ValueError(f"calibration {name} spans {min(values)}..{max(values)}, outside "
                                  f"[0, {num_timesteps - 1}]")
 
-    def to_dict(self) -> dict[str, list[float]]:
-        """Plain lists for JSON (the uncertainty fields only when present)."""
-        return {k: [float(v) for v in vs] for k, vs in asdict(self).items() if vs is not None}
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists for JSON (the uncertainty fields only when present), the rule and the pooled fit."""
+        out: dict[str, Any] = {k: [float(v) for v in getattr(self, k)] for k in _COLUMNS
+                               if getattr(self, k) is not None}
+        out["rule"] = self.rule
+        if self.pooled is not None:
+            out["pooled"] = dict(self.pooled)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
@@ -151,7 +175,10 @@ class Calibration:
             fields = {k: [float(v) for v in data[k]] for k in names}
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"calibration entry is malformed ({err!r})") from err
-        return cls(**fields)
+        pooled = data.get("pooled")
+        if pooled is not None and not isinstance(pooled, dict):
+            raise ValueError(f"calibration pooled must be an object, got {type(pooled).__name__}")
+        return cls(**fields, rule=data.get("rule", "per_timestep"), pooled=pooled)  # no rule: before issue 32
 
 
 def _timesteps_descending(timesteps: Sequence[int], num_timesteps: int) -> list[int]:
@@ -311,14 +338,19 @@ def calibrate(
 
     `images` are clean x_0 ([N, C, H, W], N ≥ 2, model data range) at the target resolution; `eps` is called
     on their device. The cap t̂(t) ≤ t̂(t') for t < t' may exclude c = t itself, whose loss is still reported.
-    With settings.k = 0 this is the plain argmin of the tables before the rule existed.
+    With settings.k = 0 (or rule "argmin") this is the plain argmin of the tables before the rule existed.
+    settings.rule "pooled" (the default) hands over to `noiseshift_pooled.calibrate_pooled`.
     """
     steps = _timesteps_descending(timesteps, schedule.num_timesteps)
     if images.ndim < 2 or images.shape[0] < 2:
         raise ValueError(f"NoiseShift needs a batch of at least 2 images [N, C, H, W] to estimate standard "
                          f"errors, got shape {tuple(images.shape)}")
     x0 = images[: settings.num_images]
-    threshold = critical_value(settings.k, x0.shape[0])
+    if settings.rule == "pooled":
+        from mrdiff.diffusion.noiseshift_pooled import calibrate_pooled  # imports this module
+
+        return calibrate_pooled(eps, schedule, x0, steps, settings, progress=progress)
+    threshold = 0.0 if settings.rule == "argmin" else critical_value(settings.k, x0.shape[0])
     generator = torch.Generator().manual_seed(settings.seed)
     cap, rows = schedule.num_timesteps - 1.0, []
     bar = tqdm(steps, desc="NoiseShift", leave=False, disable=not progress)
@@ -329,4 +361,4 @@ def calibrate(
         cap = d.t_hat
         rows.append((float(t), d.t_hat, loss_t, loss_hat, d.loss_diff, d.loss_diff_se, d.band_lo, d.band_hi))
     rows.reverse()
-    return Calibration(*(list(col) for col in zip(*rows, strict=True)))
+    return Calibration(*(list(col) for col in zip(*rows, strict=True)), rule=settings.rule)
