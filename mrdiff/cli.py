@@ -34,7 +34,7 @@ from mrdiff.checkpoint import (
 from mrdiff.conditioning import model_fingerprint, time_conditionings
 from mrdiff.console import info
 from mrdiff.data.datamodule import MultiResDataModule
-from mrdiff.diffusion.noiseshift import SearchSettings
+from mrdiff.diffusion.noiseshift import Rule, SearchSettings
 from mrdiff.diffusion.noiseshift_table import Fallback, NoiseShiftTable
 from mrdiff.diffusion.samplers import Sampler, SamplingSettings
 from mrdiff.loggers import CSVRun, SaveConfig, WandbRun
@@ -161,6 +161,7 @@ class MrdiffTrainer(Trainer):
         max_batch: int | None = None,
         k: float | None = None,
         seed: int | None = None,
+        rule: Rule | None = None,
         out: str | None = None,
     ) -> Path:
         """Calibrate NoiseShift tables for a trained model at the given resolutions.
@@ -182,6 +183,7 @@ class MrdiffTrainer(Trainer):
             max_batch: Overrides search.max_batch: candidates × images per forward pass.
             k: Overrides search.k: move t̂ only when it beats t by more than k standard errors.
             seed: Overrides search.seed: seed of the ε draws (a second seed checks a table's bands).
+            rule: Overrides search.rule: pooled (one curve, one held-out test), per_timestep or argmin.
             out: The table (default: <run dir>/noiseshift.json); an existing table is merged into, not replaced.
         """
         from mrdiff.callbacks.noiseshift import NoiseShiftCalibration, calibrate_model, plot_table
@@ -189,7 +191,7 @@ class MrdiffTrainer(Trainer):
         callback = self.configured(NoiseShiftCalibration)
         settings = overridden(callback.search if callback else SearchSettings(), coarse_window=coarse_window,
                               coarse_stride=coarse_stride, fine_window=fine_window, fine_stride=fine_stride,
-                              num_images=num_images, max_batch=max_batch, k=k, seed=seed)
+                              num_images=num_images, max_batch=max_batch, k=k, seed=seed, rule=rule)
         sampling = overridden(callback.sampling if callback else SamplingSettings(), sampler=sampler, steps=steps,
                               eta=0.0)  # η does not change which timesteps a sampler visits
         resolutions = resolutions or (callback.resolutions if callback else [64])
@@ -198,7 +200,8 @@ class MrdiffTrainer(Trainer):
         source = "the config's NoiseShiftCalibration" if callback else "the defaults"
         info(f"mrdiff: calibrating {[resolution_key(*s) for s in sizes]} for {sampling} with "
              f"{settings.num_images} images, ±{settings.coarse_window:g} by {settings.coarse_stride:g} then "
-             f"±{settings.fine_window:g} by {settings.fine_stride:g}, k = {settings.k:g} (unset options: {source})")
+             f"±{settings.fine_window:g} by {settings.fine_stride:g}, k = {settings.k:g}, rule {settings.rule} "
+             f"(unset options: {source})")
         timesteps = sampling.timesteps(model.schedule)
         with self.precision_plugin.forward_context():
             table = calibrate_model(model, datamodule, sizes, timesteps, settings,
