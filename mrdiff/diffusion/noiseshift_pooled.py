@@ -10,10 +10,10 @@ Model of the curve, in log-SNR λ(t) = log(ᾱ_t / (1 − ᾱ_t)):
 
 λ̄, s_λ the mean and s.d. of λ over the calibrated timesteps (u centres and scales, so a and b are about
 uncorrelated and of one scale). t̂ is monotone in t iff dλ̂/dλ = 1 + b/s_λ > 0; b is bounded to |b| ≤ s_λ/2, so
-dλ̂/dλ ∈ [1/2, 3/2], and few images cannot tilt the curve's extrapolation to flat, uninformative timesteps far.
-The family holds the identity (a = b = 0) and the analytic resolution shift λ + log(n/m) (b = 0; simple
-diffusion, Hoogeboom et al. 2023, §3; SD3, Esser et al. 2024, §5.3.2), and the first-order correction around
-it. For the Gaussian ε-oracle that learned data variance 1 and meets data variance s², the optimum solves
+dλ̂/dλ ∈ [1/2, 3/2]: a few images cannot tilt the curve far at the flat, uninformative ends it extrapolates to.
+The family holds the identity (a = b = 0) and the analytic resolution shift λ + log(n/m) (b = 0;
+`time_cond.AnalyticShift`, after simple diffusion and SD3), and a first-order correction around it. For the
+Gaussian ε-oracle that learned data variance 1 and meets data variance s², the optimum solves
 1 + e^λ̂ = (1 + s² e^λ)² / (1 + e^λ): to first order in 1 − s², the constant shift a = log(2s² − 1).
 
 (a, b) minimise the loss summed over timesteps, with common random numbers (the same x_0, ε at every c):
@@ -36,7 +36,9 @@ the s.d. over a bootstrap of images (each carrying its ε draws): B refits of (P
 a two-fold cross-fit: the images are split at random into halves, (P2) is fitted on each and scored exactly
 (a forward pass at the curve) on the other, so no image scores a curve fitted to it. Fitting and testing on
 the same images would favour the fit (it chases their noise); held out, a curve fitted to noise loses to
-the identity on average, so when t itself is optimal the test accepts less than 5% of the time. Accepted:
+the identity on average, so when t itself is optimal the test accepts less than 5% of the time (the exact
+oracle of tests/test_noiseshift_pooled.py, 8×8×3 images: 2 of 100 seeds with 8 images, 0 of 100 with 32 and
+with 128). Accepted:
 t̂ is (P1) refitted on all images; rejected: t̂ = t and `Calibration.pooled["accepted"]` is False.
 """
 
