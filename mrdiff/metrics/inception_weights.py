@@ -195,7 +195,13 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     """The TorchScript network (torch.jit.load is deprecated, but this one-time conversion is its only use)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        try:
+            return torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as err:  # the file's hash is checked, so this is torch's side (TorchScript removed?)
+            problem = " ".join(str(err).split())[:200]
+            raise WeightsFetchError(f"torch {torch.__version__} cannot load the TorchScript network {path} "
+                                    f"({problem}): convert once with a torch that reads TorchScript (2.14 does) "
+                                    f"and copy the written file to {default_weights_path()}") from err
 
 
 def torchscript_features(network: torch.nn.Module, images: Tensor) -> Tensor:
