@@ -42,6 +42,7 @@ from mrdiff.metrics.fid import InceptionWeightsError
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.diffusers_unet import DiffusersUNet, OptionalDependencyError
 from mrdiff.resolution import Resolution, checked_resolutions, resolution_key
+from mrdiff.runlock import RunDirInUse, holding
 from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, atomic_write, no_space_errno, unused_path
 
 OVERWRITE_ENV = "MRDIFF_OVERWRITE"  # =1: `mrdiff fit` may write over a run dir that holds checkpoints
@@ -360,6 +361,16 @@ class MrdiffCLI(LightningCLI):
         elif ckpt_path not in ("best", "hpc", "registry"):
             check_fits(self.model, ckpt_path)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """fit, test and calibrate write into a run dir: one process at a time (mrdiff.runlock), checked first."""
+        run_dir = None
+        if subcommand in ("fit", "test", "calibrate"):  # `sample` writes into its --out_dir, `validate` nothing
+            ckpt = self.config_init[subcommand].get("ckpt_path")  # test, calibrate: the checkpoint's run dir
+            ckpt = None if subcommand == "fit" or ckpt in ("last", "best", "hpc", "registry") else ckpt
+            run_dir = run_dir_of(ckpt, self.trainer.default_root_dir)
+        with holding(run_dir, global_zero=self.trainer.is_global_zero):
+            super()._run_subcommand(subcommand)
+
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -369,7 +380,7 @@ class MrdiffCLI(LightningCLI):
 
 
 KNOWN_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, InceptionWeightsError,
-                NoSpaceError, MisconfigurationException, OptionalDependencyError)
+                NoSpaceError, MisconfigurationException, OptionalDependencyError, RunDirInUse)
 
 
 def error_line(error: BaseException) -> str | None:

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
@@ -72,3 +73,15 @@ class WeightProbe(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.seen_at_epoch_end.append(self.record(pl_module))
+
+
+class WaitForFile(L.Callback):
+    """Holds training at its start until `path` exists (at most `timeout` s): a fit that stays in its run dir."""
+
+    def __init__(self, path: str, timeout: float = 120.0) -> None:
+        self.path, self.timeout = Path(path), timeout
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self.path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
