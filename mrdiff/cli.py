@@ -15,7 +15,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mrdiff.checkpoint import CheckpointError, check_fits, load_checkpoint
+from mrdiff.checkpoint import CheckpointError, check_fits, load_checkpoint, run_dir_of
 from mrdiff.console import error as console_error
 from mrdiff.data.datamodule import MultiResDataModule
 from mrdiff.diffusion.samplers import SamplingSettings
@@ -26,6 +26,7 @@ from mrdiff.nn.diffusers_unet import OptionalDependencyError
 from mrdiff.noiseshift.search import SearchSettings
 from mrdiff.nonfinite import NonFiniteLossError
 from mrdiff.rundir import refuse_to_overwrite, resolve_last
+from mrdiff.runlock import RunDirInUse, holding
 from mrdiff.trainer import MrdiffTrainer
 from mrdiff.utils import NO_SPACE_ERRNOS, NoSpaceError, no_space_errno
 
@@ -126,6 +127,16 @@ class MrdiffCLI(LightningCLI):
         elif ckpt_path not in ("best", "hpc", "registry"):
             check_fits(self.model, ckpt_path)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """fit, test and calibrate write into a run dir: one process at a time (mrdiff.runlock), checked first."""
+        run_dir = None
+        if subcommand in ("fit", "test", "calibrate"):  # `sample` writes into its --out_dir, `validate` nothing
+            ckpt = self.config_init[subcommand].get("ckpt_path")  # test, calibrate: the checkpoint's run dir
+            ckpt = None if subcommand == "fit" or ckpt in ("last", "best", "hpc", "registry") else ckpt
+            run_dir = run_dir_of(ckpt, self.trainer.default_root_dir)
+        with holding(run_dir, global_zero=self.trainer.is_global_zero):
+            super()._run_subcommand(subcommand)
+
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -135,7 +146,7 @@ class MrdiffCLI(LightningCLI):
 
 
 KNOWN_ERRORS = (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, InceptionWeightsError,
-                NoSpaceError, MisconfigurationException, OptionalDependencyError)
+                NoSpaceError, MisconfigurationException, OptionalDependencyError, RunDirInUse)
 
 
 def error_line(error: BaseException) -> str | None:

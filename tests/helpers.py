@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
@@ -131,3 +132,13 @@ def oracle_optimum(schedule: NoiseSchedule, t: int, s2: float, v: float) -> floa
     if target >= gains[1]:
         return edges[1]
     return closed_form_t_hat(schedule, t, s2, v)
+class WaitForFile(L.Callback):
+    """Holds training at its start until `path` exists (at most `timeout` s): a fit that stays in its run dir."""
+
+    def __init__(self, path: str, timeout: float = 120.0) -> None:
+        self.path, self.timeout = Path(path), timeout
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self.path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)

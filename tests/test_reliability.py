@@ -284,11 +284,11 @@ def test_atomic_writes_respect_the_umask_like_a_plain_open(tmp_path):
 def test_a_fit_removes_the_partial_checkpoint_writes_a_killed_save_left(tiny_config_file, tmp_path, capsys):
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    leftover = checkpoints / ".last.ckpt.k3x9q.tmp"  # what atomic_write leaves when SIGKILL hits mid-save
+    leftover = checkpoints / ".last.ckpt.k3x9q_7a.tmp"  # what atomic_write leaves when SIGKILL hits mid-save
     leftover.write_bytes(b"\0" * 100)
     other = checkpoints / "notes.tmp"  # not ours: stays
     other.write_text("keep")
     main(["fit", "--config", str(tiny_config_file(**{"trainer.max_steps": 1}))])
     assert not leftover.exists() and other.read_text() == "keep"
-    assert "removed 1 partial checkpoint write" in capsys.readouterr().out
+    assert "removed 1 stale temporary file(s)" in capsys.readouterr().out
     assert (checkpoints / "last.ckpt").is_file()

@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-
-from mrdiff.console import info
-
-
-def remove_partial_writes(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries a killed save left behind (atomic_write's `.<name>.<random>.tmp`)."""
-    leftovers = sorted(Path(directory).glob(".*.ckpt.*.tmp")) if Path(directory).is_dir() else []
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    if leftovers:
-        info(f"mrdiff: removed {len(leftovers)} partial checkpoint write(s) left by a killed save in {directory}")
-    return leftovers
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -38,9 +25,7 @@ class RunCheckpoint(ModelCheckpoint):
             self.dirpath = os.path.realpath(os.path.join(run_dir, "checkpoints"))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.use_run_dir(trainer.default_root_dir)
-        if stage == "fit" and trainer.is_global_zero:
-            remove_partial_writes(self.dirpath)
+        self.use_run_dir(trainer.default_root_dir)  # (a killed save's temporaries: mrdiff.runlock removes them)
         super().setup(trainer, pl_module, stage)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
