@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).parents[1] / "mrdiff"
 LAYERS = [  # lowest first; a module may import its own layer and those below
     ["console", "utils", "seeding", "resolution", "grids"],
     ["nn", "diffusion", "metrics", "loggers"],
-    ["data", "checkpoint", "nonfinite", "pipeline", "noiseshift"],
+    ["data", "checkpoint", "nonfinite", "pipeline", "baselines", "noiseshift"],
     ["exported", "module"],
     ["evaluation"],
     ["callbacks", "evidence", "bench"],
