@@ -294,3 +294,35 @@ def test_method_arguments_parse_to_each_fields_type_and_reject_unknown_fields():
             parse_method_args(bad)
     with pytest.raises(ValueError, match="share"):
         Redilation(share=1.5)
+
+
+# -- the evidence report ----------------------------------------------------------------------------------
+def test_evidence_report_has_the_training_free_rows_above_r_only(tmp_path):
+    """A tiny exported model through `mrdiff evidence report`: each baseline a row at 2R and none at R; redenoise
+    at t0 = 0 (set through --variant-args) is the upsample row exactly."""
+    import json
+
+    from mrdiff.evidence.report import main
+    from mrdiff.module import DiffusionModule
+
+    net_args = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+                "head_channels": 8, "dropout": 0.0}
+    module = DiffusionModule(tiny_net(**net_args, coord_frequencies=0, safa_levels=()), train_resolution=R,
+                             train_scales=[R, 2 * R])
+    (tmp_path / "fixed").mkdir()
+    torch.save({"state_dict": {k: v.half() for k, v in module.state_dict().items()}, "net": net_args,
+                "module": {"train_resolution": R, "train_scales": [R, 2 * R]}, "data": {}, "global_step": 1,
+                "command": "test", "train_seconds": 1.0}, tmp_path / "fixed" / "seed0.pt")
+    args = ["--models", "fixed", "--weights", str(tmp_path), "--resolutions", f"{R},{2 * R}", "--num-samples", "2",
+            "--batch-size", "2", "--steps", "2", "--num-reference", "4", "--device", "cpu",
+            "--variants", "plain,scaled_attention,redilation,window_fusion,redenoise"]
+    with pytest.raises(SystemExit, match="redenoise.t0"):
+        main([*args, "--out", str(tmp_path / "bad"), "--variant-args", "redenoise.t=0"])
+    main([*args, "--out", str(tmp_path / "report"), "--variant-args", "redenoise.t0=0"])
+    report = json.loads((tmp_path / "report" / "table.json").read_text())
+    cells = report["cells"]
+    rows = ["fixed + scaled_attention", "fixed + redilation", "fixed + window_fusion", "fixed + redenoise"]
+    assert set(cells) == {"ground truth", "fixed", "fixed + upsample", *rows}
+    assert all(set(cells[row]) == {str(2 * R)} for row in rows) and set(cells["fixed"]) == {str(R), str(2 * R)}
+    assert cells["fixed + redenoise"]["32"]["spectrum_distance"] == cells["fixed + upsample"]["32"]["spectrum_distance"]
+    assert report["meta"]["variant_args"] == {"redenoise": {"t0": 0}}
