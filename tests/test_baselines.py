@@ -145,6 +145,7 @@ def test_window_starts_cover_the_side_with_the_last_window_at_the_edge():
     assert window_starts(32, 32, 16) == window_starts(24, 32, 16) == [0]
     with pytest.raises(ValueError, match="stride"):
         window_starts(64, 32, 40)
+    assert window_starts(16, 16, 20) == [0]  # a side within one window needs no stride
 
 
 def test_window_fusion_gives_a_pixel_the_mean_of_the_windows_covering_it():

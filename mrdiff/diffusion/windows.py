@@ -18,10 +18,10 @@ from mrdiff.diffusion.samplers import EpsFn
 def window_starts(side: int, window: int, stride: int) -> list[int]:
     """Offsets of the windows of `window` px every `stride` px along a side; the last one aligned to the edge so
     the windows cover it. A side no longer than the window has one window, the side itself."""
-    if not 1 <= stride <= window:
-        raise ValueError(f"window fusion needs 1 <= stride <= window, got stride {stride} for window {window}")
     if side <= window:
         return [0]
+    if not 1 <= stride <= window:
+        raise ValueError(f"window fusion needs 1 <= stride <= window, got stride {stride} for window {window}")
     return [*range(0, side - window, stride), side - window]
 
 

@@ -93,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
                    help="parameters of the training-free rows other than their defaults, e.g. "
                         "redenoise.t0=400,window_fusion.stride=8,redilation.levels=1/2,redilation.share=0.4")
     p.add_argument("--shifted-at", default=None, metavar="RES,...",
-                   help="sample the noiseshift and analytic rows only at these resolutions (default: at all)")
+                   help="sample the rows other than plain (noiseshift, analytic, the training-free ones) only at "
+                        "these resolutions (default: at all)")
     p.add_argument("--upsample", default=None, metavar="MODEL,...",
                    help="models (fixed-resolution ones) whose samples at R, bicubic-upsampled, are the trivial "
                         "baseline row '<model> + upsample' above R (default: fixed, when it is evaluated)")
