@@ -131,14 +131,16 @@ class Redenoise:
     ≤ t₀ (t₀ off the sampler's grid: the image is noised to the first of them).
 
     The noise is the same seeds' x_T of plain sampling at the target (and the stochastic samplers go on drawing
-    from the same generators), so as t₀ → T − 1 (√ᾱ_t₀ → 0) this becomes plain sampling at the target; t₀ = 0
-    adds no noise and takes no step: the upsampled image itself. The sample at R takes no time conditioning
-    (it is at the training size); the re-denoising takes the caller's.
+    from the same generators), so as t₀ → T − 1 (√ᾱ_t₀ → 0) this becomes plain sampling at the target for an ε
+    that is ≈ x there, as a trained model's is (a random network's is not: x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ then moves by
+    O(1)); t₀ = 0 adds no noise and takes no step: the upsampled image itself. The sample at R takes no time
+    conditioning (it is at the training size); the re-denoising takes the caller's.
 
     Args:
-        t0: The timestep the upsampled image is noised to; None: T // 2. SDEdit finds t₀ ∈ [0.3, 0.6]·T balances
-            faithfulness to the guide and realism; at 500 of the linear schedule x_t₀ = 0.28 x_0 + 0.96 ε, which
-            keeps the layout (low frequencies) of the upsampled image and re-generates the detail at the target.
+        t0: The timestep the upsampled image is noised to; None: T // 2, the middle of the t₀ ∈ [0.3, 0.6]·T of
+            SDEdit's experiments (its trade-off of faithfulness to the guide against realism). At 500 of the linear
+            schedule x_t₀ = 0.28 x_0 + 0.96 ε: the upsampled image's layout (its low frequencies) survives, the
+            detail is generated anew at the target size.
     """
 
     t0: int | None = None
