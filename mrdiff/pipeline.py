@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,15 @@ from mrdiff.console import info
 from mrdiff.diffusion.samplers import EpsFn, PerSampleNoise, Progress, SamplingSettings, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.grids import CoordMode, canvas_grid
+
+
+class SamplingMethod(Protocol):
+    """A training-free way of sampling above the training size (mrdiff.baselines): it draws the images itself
+    from the pipeline's parts (canvas_eps, scaled_attention, the settings' sampler)."""
+
+    def sample(self, pipeline: DiffusionPipeline, seeds: Sequence[int], height: int, width: int, *,
+               sampling: SamplingSettings, time_cond: TimeCond | None, clip_denoised: bool,
+               progress: Progress) -> Tensor: ...
 
 
 class DiffusionPipeline:
@@ -110,13 +120,18 @@ class DiffusionPipeline:
         time_cond: TimeCond | None = None,
         clip_denoised: bool = True,
         progress: Progress = False,
+        method: SamplingMethod | None = None,  # None: the whole canvas through the network
     ) -> Tensor:
-        """Images [len(seeds), C, H, W] in [−1, 1]; sample i depends only on seeds[i]."""
+        """Images [len(seeds), C, H, W] in [−1, 1]; sample i depends only on seeds[i]. `method`: a training-free
+        baseline (mrdiff.baselines: Redilation, WindowFusion, Redenoise) draws them instead."""
         width = width or height
+        sampling = sampling or SamplingSettings()
+        if method is not None:
+            return method.sample(self, seeds, height, width, sampling=sampling, time_cond=time_cond,
+                                 clip_denoised=clip_denoised, progress=progress)
         grid, scale = self.canvas_inputs(height, width)
         noise = PerSampleNoise(seeds, self.device)
         x_T = noise.randn((self.in_channels, height, width))
-        sampling = sampling or SamplingSettings()
         with self.scaled_attention(sampling.attention_scaling):
             x0 = sampling.run(self.eps_fn(grid, scale), self.schedule, x_T, noise=noise, time_cond=time_cond,
                               clip_denoised=clip_denoised, progress=progress)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).parents[1] / "mrdiff"
 LAYERS = [  # lowest first; a module may import its own layer and those below
     ["console", "utils", "seeding", "resolution", "grids"],
     ["nn", "diffusion", "metrics", "loggers"],
-    ["data", "checkpoint", "nonfinite", "pipeline", "noiseshift", "runlock"],
+    ["data", "checkpoint", "nonfinite", "pipeline", "baselines", "noiseshift", "runlock"],
     ["exported", "module"],
     ["evaluation"],
     ["callbacks", "evidence", "bench"],

@@ -69,6 +69,12 @@ def _steps(timesteps: Sequence[int], progress: Progress, desc: str) -> Iterator[
         progress.update(1)
 
 
+def from_start(timesteps: Sequence[int], start: int | None) -> list[int]:
+    """The timesteps at or below `start` (all for None): a sampler started at `start` (SDEdit) treats x_T as x at
+    the first of them and visits only those."""
+    return list(timesteps) if start is None else [t for t in timesteps if t <= start]
+
+
 def predict_x0(x: Tensor, eps: Tensor, alpha_bar: float, clip: bool) -> Tensor:
     """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t  (DDPM eq. 4 solved for x_0), optionally clipped to [−1, 1]."""
     x0 = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
@@ -86,6 +92,7 @@ def ddpm_sample(
     time_cond: TimeCond | None = None,
     clip_denoised: bool = False,
     progress: Progress = False,
+    start: int | None = None,  # begin at this timestep (see from_start); None: at T − 1
 ) -> Tensor:
     """Ancestral sampling, DDPM Algorithm 2, written through x̂_0 and the posterior mean (eq. 7).
 
@@ -96,7 +103,7 @@ def ddpm_sample(
     sigmas = np.sqrt(s.betas if variance == "beta" else s.posterior_variance)
     coef_x0 = s.betas * np.sqrt(s.alphas_cumprod_prev) / (1 - s.alphas_cumprod)
     coef_xt = (1 - s.alphas_cumprod_prev) * np.sqrt(s.alphas) / (1 - s.alphas_cumprod)
-    for t in _steps(range(s.num_timesteps - 1, -1, -1), progress, "DDPM"):
+    for t in _steps(from_start(range(s.num_timesteps - 1, -1, -1), start), progress, "DDPM"):
         t_batch = torch.full((x.shape[0],), float(t), device=x.device)
         x0 = predict_x0(x, eps(x, time_cond(t_batch)), s.alphas_cumprod[t], clip_denoised)
         x = coef_x0[t] * x0 + coef_xt[t] * x
@@ -126,10 +133,11 @@ def ddim_sample(
     time_cond: TimeCond | None = None,
     clip_denoised: bool = False,
     progress: Progress = False,
+    start: int | None = None,  # begin at this timestep (see from_start); None: at T − 1
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) over a subsequence of timesteps."""
     time_cond = time_cond or identity
-    timesteps = ddim_timesteps(schedule.num_timesteps, steps)
+    timesteps = from_start(ddim_timesteps(schedule.num_timesteps, steps), start)
     x = x_T
     for i, t in enumerate(_steps(timesteps, progress, f"DDIM-{steps}")):
         ab = float(schedule.alphas_cumprod[t])
@@ -175,6 +183,7 @@ def dpm_solver_pp_2m_sample(
     time_cond: TimeCond | None = None,
     clip_denoised: bool = False,
     progress: Progress = False,
+    start: int | None = None,  # begin at this timestep (see from_start); None: at T − 1
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of the diffusion ODE
     in data prediction x̂_0, one network call per step.
@@ -197,7 +206,7 @@ def dpm_solver_pp_2m_sample(
     hook (the network is fed time_cond(t); every coefficient stays at the nominal t) in plain sight.
     """
     time_cond = time_cond or identity
-    timesteps = dpm_solver_timesteps(schedule, steps)
+    timesteps = from_start(dpm_solver_timesteps(schedule, steps), start)
     ends = [*timesteps[1:], 0]
     lam = 0.5 * schedule.log_snr  # λ_t = log(α_t/σ_t)
     x, x0_prev, h_prev = x_T, None, None

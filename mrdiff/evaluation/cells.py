@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
+from mrdiff.baselines import method
+from mrdiff.baselines import upsample as upsample  # the upsample row's resize, Redenoise's first step
 from mrdiff.data.synthetic import render_canvas, sample_scene
 from mrdiff.diffusion.samplers import Progress, SamplingSettings, TimeCond
 from mrdiff.metrics.fid import rank_and_world
 from mrdiff.noiseshift.search import SearchSettings, calibrate
 from mrdiff.noiseshift.time_cond import AnalyticShift, InterpolatedTimeCond
-from mrdiff.pipeline import DiffusionPipeline
+from mrdiff.pipeline import DiffusionPipeline, SamplingMethod
 
 HELD_OUT_SEED = 10**7  # scenes for references and calibration: never in a training set (seeds < 10^6)
-Kind = Literal["plain", "noiseshift", "analytic", "upsample"]
+Kind = Literal["plain", "noiseshift", "analytic", "upsample", "scaled_attention", "redilation", "window_fusion",
+               "redenoise"]
+TRAINING_FREE = ("scaled_attention", "redilation", "window_fusion", "redenoise")  # rows above the training size only
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,9 @@ class Variant:
 
     plain: t itself; noiseshift: a NoiseShift table (`noiseshift`, a path), or, without one, a calibration made
     at each size on held-out renders (the evidence report's); analytic: the SD3 / simple-diffusion shift;
-    upsample: the plain samples at the training size, bicubic-upsampled (the trivial baseline above R).
+    upsample: the plain samples at the training size, bicubic-upsampled (the trivial baseline above R);
+    scaled_attention, redilation, window_fusion, redenoise: the training-free baselines (mrdiff.baselines,
+    `training_free`).
     """
 
     label: str  # row name, e.g. "mrdiff + NoiseShift"
@@ -78,6 +83,7 @@ def generate(
     pipeline: DiffusionPipeline, seeds: Sequence[int], height: int, width: int, *,
     sampling: SamplingSettings, time_cond: TimeCond | None = None, batch_size: int = 64,
     context: Callable[[], contextlib.AbstractContextManager] | None = None, progress: Progress = False,
+    method: SamplingMethod | None = None,
 ) -> Tensor:
     """This rank's share of the seeds (seeds[rank::world]) sampled in batches: float [n, C, H, W] on the CPU."""
     rank, world = rank_and_world()
@@ -87,14 +93,18 @@ def generate(
     for start in range(0, len(mine), batch_size):
         with context():
             images = pipeline.sample(mine[start:start + batch_size], height, width, sampling=sampling,
-                                     time_cond=time_cond, progress=progress)
+                                     time_cond=time_cond, progress=progress, method=method)
         out.append(images.float().cpu())
     return torch.cat(out) if out else torch.empty(0, pipeline.in_channels, height, width)
 
 
-def upsample(images: Tensor, height: int, width: int) -> Tensor:
-    """Bicubic (antialiased) resize to height × width, clamped to [−1, 1]."""
-    return F.interpolate(images, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+def training_free(kind: str, sampling: SamplingSettings,
+                  args: dict[str, object] | None = None) -> tuple[SamplingSettings, SamplingMethod | None]:
+    """How a training-free row samples: the settings with scaled attention on, or a method of mrdiff.baselines
+    with its defaults, some overridden by `args` (field → value)."""
+    if kind == "scaled_attention":
+        return replace(sampling, attention_scaling=True), None
+    return sampling, method(kind, **(args or {}))
 
 
 def held_out_noiseshift(pipeline: DiffusionPipeline, height: int, width: int, sampling: SamplingSettings,

@@ -17,11 +17,13 @@ from mrdiff.console import info
 from mrdiff.data.synthetic import reference_radii
 from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.evaluation.cells import (
+    TRAINING_FREE,
     Variant,
     analytic_shift,
     generate,
     held_out_noiseshift,
     references,
+    training_free,
     upsample,
 )
 from mrdiff.evaluation.report import SAMPLER_NAMES, T_BUCKETS
@@ -30,7 +32,8 @@ from mrdiff.exported import load
 from mrdiff.pipeline import DiffusionPipeline
 from mrdiff.resolution import resolution_key
 
-VARIANTS = ("plain", "noiseshift", "analytic")
+DEFAULT_VARIANTS = ("plain", "noiseshift", "analytic")
+VARIANTS = (*DEFAULT_VARIANTS, *TRAINING_FREE)  # the training-free rows: above the training size only
 
 
 @dataclass
@@ -42,7 +45,8 @@ class Settings:
     calibration_images: int = 32
     num_reference: int = 1000  # ground-truth renders per resolution (spectra, colours, FID/KID)
     figure_samples: int = 6
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    variant_args: dict[str, dict] = field(default_factory=dict)  # training-free method → parameters overridden
     shifted_at: list[tuple[int, int]] | None = None  # where the shifted rows are sampled; None: every resolution
     extractor: torch.nn.Module | None = None  # Inception (FID and KID per cell), when weights are available
     sampler_check: int = 0  # samples per sampler in the DDIM / DDPM / DPM-Solver++ comparison at R; 0: none
@@ -149,10 +153,14 @@ class Matrix:
             for variant in s.variants:
                 if variant != "plain" and s.shifted_at is not None and hw not in s.shifted_at:
                     continue
+                if variant in TRAINING_FREE and hw[0] * hw[1] <= side**2:
+                    continue
                 start = time.time()
                 cond = self.variant_cond(name, pipeline, variant, hw)
-                samples = generate(pipeline, range(s.num_samples), *hw, sampling=s.sampling, time_cond=cond,
-                                   batch_size=s.batch_size)
+                sampling, method = (training_free(variant, s.sampling, s.variant_args.get(variant))
+                                    if variant in TRAINING_FREE else (s.sampling, None))
+                samples = generate(pipeline, range(s.num_samples), *hw, sampling=sampling, time_cond=cond,
+                                   batch_size=s.batch_size, method=method)
                 if variant == "plain" and hw == (side, side):
                     plain_at_r = samples
                 row = Variant.of(name, variant).label

@@ -11,10 +11,11 @@ exports are reused, so evaluation alone needs no training: the shipped CPU-sized
 
 Rows per model: plain, + NoiseShift (calibrated here on held-out renders), + analytic shift; plus
 "fixed + upsample" (the fixed model's samples at R, bicubic-upsampled; `--upsample` names other
-fixed-resolution rows to give the same trivial baseline) and the ground-truth renders
-themselves, which give each metric's ceiling at each resolution. Columns: resolutions. Every rate carries
-a Wilson 95% interval, every mean a bootstrap 95% interval. The report (Markdown, JSON, figure) is written
-by this run, with the machine, the versions and the wall time.
+fixed-resolution rows to give the same trivial baseline), on request the training-free baselines above R
+(--variants scaled_attention,redilation,window_fusion,redenoise: mrdiff.baselines; --variant-args tunes them)
+and the ground-truth renders themselves, which give each metric's ceiling at each resolution. Columns:
+resolutions. Every rate carries a Wilson 95% interval, every mean a bootstrap 95% interval. The report
+(Markdown, JSON, figure) is written by this run, with the machine, the versions and the wall time.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from pathlib import Path
 
 import torch
 
+from mrdiff.baselines import parse_method_args
 from mrdiff.console import info
 from mrdiff.diffusion.samplers import SamplingSettings
-from mrdiff.evaluation.matrix import VARIANTS, Settings, evaluate
+from mrdiff.evaluation.matrix import DEFAULT_VARIANTS, VARIANTS, Settings, evaluate
 from mrdiff.evaluation.report import write_report
 from mrdiff.exported import export, read
 from mrdiff.metrics.fid import configured_weights, inception
@@ -84,9 +86,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=400)
     p.add_argument("--calibration-images", type=int, default=32)
     p.add_argument("--num-reference", type=int, default=1000)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="rows per model: a subset of " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="rows per model: a subset of " + ", ".join(VARIANTS) + " (the last four, the training-free "
+                        "baselines, only above R)")
+    p.add_argument("--variant-args", default="", metavar="METHOD.FIELD=VALUE,...",
+                   help="parameters of the training-free rows other than their defaults, e.g. "
+                        "redenoise.t0=400,window_fusion.stride=8,redilation.levels=1/2,redilation.share=0.4")
     p.add_argument("--shifted-at", default=None, metavar="RES,...",
-                   help="sample the noiseshift and analytic rows only at these resolutions (default: at all)")
+                   help="sample the rows other than plain (noiseshift, analytic, the training-free ones) only at "
+                        "these resolutions (default: at all)")
     p.add_argument("--upsample", default=None, metavar="MODEL,...",
                    help="models (fixed-resolution ones) whose samples at R, bicubic-upsampled, are the trivial "
                         "baseline row '<model> + upsample' above R (default: fixed, when it is evaluated)")
@@ -125,6 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     if set(variants) - set(VARIANTS):
         raise SystemExit(f"mrdiff: error: unknown --variants {sorted(set(variants) - set(VARIANTS))}: "
                          f"choose from {', '.join(VARIANTS)}")
+    try:
+        variant_args = parse_method_args(args.variant_args)
+    except ValueError as error:
+        raise SystemExit(f"mrdiff: error: --variant-args: {error}") from None
+    if set(variant_args) - set(variants):
+        raise SystemExit(f"mrdiff: error: --variant-args sets {sorted(set(variant_args) - set(variants))}, "
+                         f"not among --variants {args.variants}")
     upsample = ("fixed",) if args.upsample is None else tuple(comma_list(args.upsample))
     if args.upsample is not None and set(upsample) - set(names) - set(extra):
         raise SystemExit(f"mrdiff: error: --upsample {args.upsample} names models outside --models: "
@@ -154,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                         num_samples=args.num_samples, sampling=SamplingSettings(args.sampler, args.steps, args.eta),
                         batch_size=args.batch_size, calibration_images=args.calibration_images,
                         num_reference=args.num_reference,
-                        variants=variants, shifted_at=shifted_at,
+                        variants=variants, variant_args=variant_args, shifted_at=shifted_at,
                         sampler_check=args.sampler_check, upsample=upsample,
                         extractor=inception(args.inception_weights).to(device)
                         if configured_weights(args.inception_weights) else None)
@@ -166,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "torch": torch.__version__, "wall_seconds": time.time() - start,
         "resolutions": settings.resolutions, "num_samples": settings.num_samples, **asdict(settings.sampling),
-        "sampler_check": settings.sampler_check, "variants": settings.variants, "shifted_at": settings.shifted_at,
+        "sampler_check": settings.sampler_check, "variants": settings.variants,
+        "variant_args": settings.variant_args, "shifted_at": settings.shifted_at,
         "base_resolution": first["module"]["train_resolution"], "models": {n: str(p) for n, p in weights.items()},
     }
     write_report(result, Path(args.out))

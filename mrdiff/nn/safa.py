@@ -56,7 +56,8 @@ class ScaleAwareConv2d(nn.Module):
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self.padding = kernel_size // 2
+        self.padding: int | tuple[int, int] = kernel_size // 2
+        self.dilation: int | tuple[int, int] = 1  # UNet.redilated sets it (and the padding) while re-dilation is on
         self.mode = mode
         self.weight = nn.Parameter(torch.empty(num_kernels, out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(num_kernels, out_channels))
@@ -84,7 +85,7 @@ class ScaleAwareConv2d(nn.Module):
         return (w @ self.weight.flatten(1)).view(self.weight.shape[1:]), w @ self.bias
 
     def _conv(self, x: Tensor, kernel: Tensor, bias: Tensor) -> Tensor:
-        return F.conv2d(x, kernel.to(x.dtype), bias.to(x.dtype), padding=self.padding)
+        return F.conv2d(x, kernel.to(x.dtype), bias.to(x.dtype), padding=self.padding, dilation=self.dilation)
 
     def forward(self, x: Tensor, scale: Tensor | MixedKernels) -> Tensor:
         if isinstance(scale, MixedKernels):
@@ -103,14 +104,15 @@ class ScaleAwareConv2d(nn.Module):
         """Per-sample kernels through a grouped conv (groups = B)."""
         b, _, h, width = x.shape
         kernel = (w @ self.weight.flatten(1)).view(-1, *self.weight.shape[2:])  # [B·C_out, C_in, k, k]
-        out = F.conv2d(x.reshape(1, -1, h, width), kernel.to(x.dtype), padding=self.padding, groups=b)
+        out = F.conv2d(x.reshape(1, -1, h, width), kernel.to(x.dtype), padding=self.padding, dilation=self.dilation,
+                       groups=b)
         return out.reshape(b, self.out_channels, h, width) + (w @ self.bias).to(x.dtype)[:, :, None, None]
 
     def _experts(self, x: Tensor, w: Tensor) -> Tensor:
         """Per-sample mixture of K convolutions, run as one conv with K·C_out outputs."""
         b, _, h, width = x.shape
         kernel = self.weight.reshape(-1, *self.weight.shape[2:]).to(x.dtype)
-        out = F.conv2d(x, kernel, self.bias.reshape(-1).to(x.dtype), padding=self.padding)
+        out = F.conv2d(x, kernel, self.bias.reshape(-1).to(x.dtype), padding=self.padding, dilation=self.dilation)
         out = out.reshape(b, self.num_kernels, self.out_channels, h, width)
         return torch.einsum("bk,bkohw->bohw", w.to(x.dtype), out)
 
@@ -120,5 +122,5 @@ class ScaleAwareConv2d(nn.Module):
         k = self.num_kernels
         stacked = (w.to(x.dtype)[:, :, None, None, None] * x[:, None]).reshape(b, k * c, h, width)
         kernel = self.weight.transpose(0, 1).reshape(self.out_channels, k * c, *self.weight.shape[3:])
-        out = F.conv2d(stacked, kernel.to(x.dtype), padding=self.padding)
+        out = F.conv2d(stacked, kernel.to(x.dtype), padding=self.padding, dilation=self.dilation)
         return out + (w @ self.bias).to(x.dtype)[:, :, None, None]

@@ -186,6 +186,35 @@ class UNet(nn.Module):
             for layer, tokens in previous:
                 layer.reference_tokens = tokens
 
+    def dilatable_convs(self, levels: Sequence[int]) -> Iterator[nn.Conv2d | ScaleAwareConv2d]:
+        """The stride-1 3×3 convolutions of `levels` (negative counts from the deepest): both convs of every ResBlock
+        there, the middle blocks' with the deepest level's, and the conv after the upsampling that leaves an up
+        level (ScaleCrafter dilates its up block's upsampler too). Never the stem, the output or the downsamplers."""
+        top = self.num_levels - 1
+        if any(not -self.num_levels <= level <= top for level in levels):
+            raise ValueError(f"re-dilation levels {list(levels)} do not exist: this U-Net has levels 0..{top}")
+        chosen = {level % self.num_levels for level in levels}
+        stages = [*enumerate(self.down), (top, self.mid), *((top - i, lv) for i, lv in enumerate(self.up))]
+        for level, stage in stages:
+            for block in stage.blocks if level in chosen else ():
+                yield from (block.conv1, block.conv2)
+        yield from (conv for i, conv in enumerate(self.upsample) if top - i in chosen)
+
+    @contextmanager
+    def redilated(self, levels: Sequence[int], dilation: tuple[int, int]) -> Iterator[UNet]:
+        """Inside the block the convolutions of `levels` (dilatable_convs) run with dilation d = (d_h, d_w) and
+        padding d (re-dilation, ScaleCrafter, He et al. 2023, §3.2): on a canvas d× the training size each keeps
+        its receptive field in canvas units. d = (1, 1) changes nothing."""
+        convs = list(self.dilatable_convs(levels)) if tuple(dilation) != (1, 1) else []
+        previous = [(conv, conv.dilation, conv.padding) for conv in convs]
+        for conv in convs:
+            conv.dilation = conv.padding = tuple(dilation)  # a 3×3 kernel: padding d keeps the size
+        try:
+            yield self
+        finally:
+            for conv, dilation_was, padding_was in previous:
+                conv.dilation, conv.padding = dilation_was, padding_was
+
     @property
     def downsampling_factor(self) -> int:
         """H and W must be multiples of this."""
