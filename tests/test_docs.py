@@ -17,6 +17,7 @@ import contextlib
 import io
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,15 +180,18 @@ def help_of(command: str) -> str:
 def run_help(call: Callable[[], None], argv: list[str] | None = None) -> str:
     """Output of call(), which must exit 0 (or return); sys.argv is argv meanwhile (LightningCLI warns when it
     sees pytest's own arguments there)."""
-    out, old_argv = io.StringIO(), sys.argv
+    import torch
+
+    out, old_argv, precision = io.StringIO(), sys.argv, torch.get_float32_matmul_precision()
     sys.argv = argv or ["mrdiff"]
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), warnings.catch_warnings():
             call()
     except SystemExit as exit_:
         assert exit_.code in (0, None), f"--help exited {exit_.code}: {out.getvalue()[-500:]}"
-    finally:
+    finally:  # mrdiff.cli.main sets these for the process: leave the other tests' as they were
         sys.argv = old_argv
+        torch.set_float32_matmul_precision(precision)
     return out.getvalue()
 
 
