@@ -304,6 +304,18 @@ def test_docs_name_only_what_exists(doc: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_every_entry_point_answers_help() -> None:
+    """The commands the docs may name: each `--help` exits 0 in-process (the checker's way of calling them)."""
+    from mrdiff.evidence.__main__ import SUBCOMMANDS
+
+    commands = [f"mrdiff {sub}" for sub in LIGHTNING_SUBCOMMANDS] + [f"mrdiff evidence {sub}" for sub in SUBCOMMANDS]
+    commands += ["mrdiff evidence", "python -m mrdiff", "python -m mrdiff.manifest", "python -m mrdiff.bench"]
+    for command in commands:
+        if command not in CHECKER.help_cache:
+            CHECKER.help_cache[command] = help_of(command)
+        assert "usage" in str(CHECKER.help_cache[command]).lower(), command
+
+
 def test_readme_is_a_front_door() -> None:
     """README.md: at most 250 lines, with the figure and the headline table on its first screen."""
     lines = (ROOT / "README.md").read_text().splitlines()
