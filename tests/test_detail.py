@@ -222,3 +222,18 @@ def test_report_summary_reads_r_and_the_chosen_size_from_the_report(tmp_path):
     assert lines[4] == ("| fixed | 1.00 [0.99, 1.00] | 0.80 [0.76, 0.84] | 1.20 [1.16, 1.25] | 0.87 [0.83, 0.90] | "
                         "0.092 [0.085, 0.100] | 0.319 |")
     assert lines[5] == "| fixed + upsample | – | 1.00 | – | – | – | – |"
+
+
+def test_report_summary_adds_kid_at_r_and_at_the_chosen_size_when_the_report_has_it(tmp_path):
+    import json
+
+    from mrdiff.evidence.summary import main
+
+    kid = {"kid": 0.0123, "kid_lo": 0.0101, "kid_hi": 0.0145}
+    report = {"meta": {"command": "mrdiff evidence report …", "base_resolution": 32},
+              "cells": {"fixed": {"32": {"one_sun_rate": 1.0, "kid": 0.002}, "64": {"one_sun_rate": 0.8, **kid}}}}
+    (tmp_path / "table.json").write_text(json.dumps(report))
+    main([str(tmp_path), "--at", "64"])
+    lines = (tmp_path / "summary_64.md").read_text().splitlines()
+    assert lines[2].endswith("| KID at R (32) | KID at 64 |")
+    assert lines[4] == "| fixed | 1.00 | 0.80 | – | – | – | – | 0.0020 | 0.0123 [0.0101, 0.0145] |"

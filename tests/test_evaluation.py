@@ -100,7 +100,7 @@ def test_mrdiff_test_prints_and_writes_the_table(trained, tmp_path, monkeypatch,
     config = write_config(tmp_path / "test.yaml", tmp_path / "other", evaluation(analytic_shift=True))
     cli = MrdiffCLI(args=["test", "--config", str(config), f"--ckpt_path={ckpt}"])
     out = capsys.readouterr().out
-    assert "FID skipped" in out and "| mrdiff + analytic shift |" in out and "one-sun rate" in out
+    assert "FID and KID skipped" in out and "| mrdiff + analytic shift |" in out and "one-sun rate" in out
     table = json.loads((tmp_path / "run" / "eval_table.json").read_text())  # the checkpoint's run dir
     assert table["columns"] == ["16", "24"]
     assert table["metrics"] == ["one_sun_rate", "stacked_horizon_rate", "radius_error", "spectrum_distance"]

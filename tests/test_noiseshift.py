@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from mrdiff.diffusion.samplers import EpsFn, TimeCond, ddim_sample, ddim_timesteps
+from mrdiff.diffusion.samplers import TimeCond, ddim_sample, ddim_timesteps
 from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.noiseshift.calibration import plot_table, resolution_warning, summary, unresolved
 from mrdiff.noiseshift.search import Calibration, SearchSettings, calibrate, critical_value, decide
@@ -25,43 +25,11 @@ from mrdiff.noiseshift.table import NoiseShiftTable
 from mrdiff.noiseshift.time_cond import AnalyticShift
 from mrdiff.noiseshift.weights import checkpoint_hash, weights_hash
 from mrdiff.resolution import resolution_key
+from tests.helpers import closed_form_t_hat, gaussian_images, oracle
 
 SCHEDULE = NoiseSchedule()
 STRIDE = SearchSettings().fine_stride
 MID_T = [500, 600, 700, 800]  # where 2^22 oracle pixels pin the optimum to < 1/8 fine stride (1 s.d.)
-
-
-def oracle(schedule: NoiseSchedule, v: float) -> EpsFn:
-    """ε*(x; c, v) = √(1−ᾱ_c) x / (ᾱ_c v + 1 − ᾱ_c), ᾱ_c at fractional c."""
-
-    def eps(x: Tensor, c: Tensor) -> Tensor:
-        ab = schedule.alphas_cumprod_at(c).to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        return (1 - ab).sqrt() * x / (ab * v + 1 - ab)
-
-    return eps
-
-
-def closed_form_t_hat(schedule: NoiseSchedule, t: int, s2: float, v: float) -> float:
-    """Solve √(1−ᾱ_c)/(ᾱ_c v + 1−ᾱ_c) = √(1−ᾱ_t)/(ᾱ_t s² + 1−ᾱ_t) for fractional c by bisection (v ≥ 1)."""
-    ab = float(schedule.alphas_cumprod[t])
-    target = math.sqrt(1 - ab) / (ab * s2 + 1 - ab)
-
-    def gain(c: float) -> float:
-        a = float(schedule.alphas_cumprod_at(c))
-        return math.sqrt(1 - a) / (a * v + 1 - a)
-
-    lo, hi = 0.0, schedule.num_timesteps - 1.0
-    assert gain(lo) < target < gain(hi), "optimum outside [0, T-1]"
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if gain(mid) < target else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-def gaussian_images(n: int, shape: tuple[int, ...], variance: float, seed: int = 1234) -> Tensor:
-    """x_0 ~ N(0, variance I), from a seed distinct from the search's ε seed."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, *shape), generator=g) * math.sqrt(variance)
 
 
 def sigma_gap(schedule: NoiseSchedule, a: float, b: float) -> float:
@@ -72,13 +40,14 @@ def sigma_gap(schedule: NoiseSchedule, a: float, b: float) -> float:
 # -- calibration -----------------------------------------------------------------------------------------
 QUICKSTART = {"coarse_stride": 0.02, "fine_stride": 0.002}  # configs/quickstart.yaml's search
 DDIM_25 = ddim_timesteps(SCHEDULE.num_timesteps, 25)
+PER_T = "per_timestep"  # the k-standard-error rule, the default before issue 32 (pooled: test_noiseshift_pooled)
 
 
 @pytest.mark.parametrize("num_images", [8, 64, 256])
 @pytest.mark.parametrize("variance", [0.25, 1.0, 4.0, 16.0])
 def test_exact_oracle_keeps_t_at_every_timestep(num_images: int, variance: float) -> None:
     images = gaussian_images(num_images, (3, 16, 16), variance)
-    settings = SearchSettings(num_images=num_images, max_batch=4096, **QUICKSTART)
+    settings = SearchSettings(num_images=num_images, max_batch=4096, rule=PER_T, **QUICKSTART)
     cal = calibrate(oracle(SCHEDULE, variance), SCHEDULE, images, DDIM_25, settings, progress=False)
     assert cal.t_hat == cal.t
     assert cal.loss_diff == [0.0] * len(cal.t) and cal.loss_diff_se == [0.0] * len(cal.t)
@@ -88,7 +57,7 @@ def test_exact_oracle_keeps_t_at_every_timestep(num_images: int, variance: float
 def test_plain_argmin_chases_noise_on_the_exact_oracle() -> None:
     # what the rule prevents: k = 0 is the argmin of the tables before it, far from t = t̂ with 8 images
     images = gaussian_images(8, (3, 16, 16), 1.0)
-    settings = SearchSettings(num_images=8, k=0.0, **QUICKSTART)
+    settings = SearchSettings(num_images=8, k=0.0, rule=PER_T, **QUICKSTART)
     cal = calibrate(oracle(SCHEDULE, 1.0), SCHEDULE, images, DDIM_25, settings, progress=False)
     assert cal.moved >= 15
     assert max(abs(h - t) for t, h in zip(cal.t, cal.t_hat, strict=True)) > 20
@@ -99,7 +68,7 @@ def test_exact_oracle_false_moves_are_rare_with_few_images() -> None:
     moved = 0
     for seed in range(20):
         images = gaussian_images(8, (3, 8, 8), 1.0, seed=100 + seed)
-        settings = SearchSettings(num_images=8, seed=seed, **QUICKSTART)
+        settings = SearchSettings(num_images=8, seed=seed, rule=PER_T, **QUICKSTART)
         moved += calibrate(oracle(SCHEDULE, 1.0), SCHEDULE, images, DDIM_25, settings, progress=False).moved
     assert moved <= 2  # of 500 timesteps
 
@@ -107,7 +76,7 @@ def test_exact_oracle_false_moves_are_rare_with_few_images() -> None:
 @pytest.mark.parametrize(("s2", "v"), [(8.0, 4.0), (4.0, 8.0)])  # model under-/over-estimates the variance
 def test_mismatched_oracle_matches_closed_form(s2: float, v: float) -> None:
     images = gaussian_images(16384, (1, 16, 16), s2)  # 2^22 pixels: the optimum to < 1/8 fine stride
-    settings = SearchSettings(num_images=16384, max_batch=4096)
+    settings = SearchSettings(num_images=16384, max_batch=4096, rule=PER_T)
     cal = calibrate(oracle(SCHEDULE, v), SCHEDULE, images, MID_T, settings, progress=False)
     for i, t in enumerate(cal.t):
         expected = closed_form_t_hat(SCHEDULE, int(t), s2, v)
@@ -122,7 +91,7 @@ def test_mismatched_oracle_matches_closed_form(s2: float, v: float) -> None:
 def test_another_seed_agrees_within_the_bands() -> None:
     # new ε and new images; a real shift at 17 of 25 timesteps, inside the search window everywhere
     runs = [calibrate(oracle(SCHEDULE, 4.0), SCHEDULE, gaussian_images(64, (3, 16, 16), 6.0, seed=1234 + seed),
-                      DDIM_25, SearchSettings(num_images=64, seed=seed, **QUICKSTART), progress=False)
+                      DDIM_25, SearchSettings(num_images=64, seed=seed, rule=PER_T, **QUICKSTART), progress=False)
             for seed in (0, 1)]
     for this, other in (runs, runs[::-1]):
         assert this.moved >= 15
@@ -158,7 +127,7 @@ def test_monotone_and_clamped_with_noisy_estimates() -> None:
     images = gaussian_images(64, (1, 2, 2), 0.25)
     steps = ddim_timesteps(SCHEDULE.num_timesteps, 50)
     eps = oracle(SCHEDULE, 1.0)  # data variance 0.25 < 1: pushes t̂ up, to T−1 at large t
-    cal = calibrate(eps, SCHEDULE, images, steps, SearchSettings(), progress=False)
+    cal = calibrate(eps, SCHEDULE, images, steps, SearchSettings(rule=PER_T), progress=False)
     assert cal.t == sorted(float(t) for t in steps)
     assert all(0.0 <= h <= SCHEDULE.num_timesteps - 1 for h in cal.t_hat)
     assert cal.t_hat[-1] == SCHEDULE.num_timesteps - 1  # clamped: optimum lies beyond T−1
@@ -167,7 +136,7 @@ def test_monotone_and_clamped_with_noisy_estimates() -> None:
         if i == len(cal.t) - 1 or t <= cal.t_hat[i + 1]:
             assert cal.loss_t_hat[i] <= cal.loss_t[i]
     # the cap is doing work: independent per-timestep searches are not monotone
-    free = [calibrate(eps, SCHEDULE, images, [t], SearchSettings(seed=i), progress=False).t_hat[0]
+    free = [calibrate(eps, SCHEDULE, images, [t], SearchSettings(seed=i, rule=PER_T), progress=False).t_hat[0]
             for i, t in enumerate(steps)]
     assert any(a < b for a, b in zip(free, free[1:], strict=False))
 
@@ -247,7 +216,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["noiseshift.json"]  # no temp file left behind
     doc = json.loads(path.read_text())
     assert doc["format_version"] == 1 and doc["schedule"] == SCHEDULE.describe()
-    expected = {"t": [100.0], "t_hat": [90.0], "loss_t": [0.3], "loss_t_hat": [0.2]}
+    expected = {"t": [100.0], "t_hat": [90.0], "loss_t": [0.3], "loss_t_hat": [0.2], "rule": "per_timestep"}
     assert doc["resolutions"]["96x128"] == expected  # a table without uncertainty (as before issue 12)
     assert doc["resolutions"]["48"]["band_lo"] == [0.0, 440.0, 990.0]
     loaded = NoiseShiftTable.load(path, schedule=SCHEDULE, checkpoint="abcdef0123456789")
@@ -442,7 +411,7 @@ def test_ddim_feeds_time_cond_to_eps() -> None:
 
 # -- what `mrdiff calibrate` says ------------------------------------------------------------------------
 def test_calibrate_warns_only_when_the_images_cannot_resolve_a_shift() -> None:
-    settings = dict(max_batch=4096, **QUICKSTART)
+    settings = dict(max_batch=4096, rule=PER_T, **QUICKSTART)
 
     def run(num_images: int, s2: float, v: float) -> tuple[Calibration, SearchSettings]:
         s = SearchSettings(num_images=num_images, **settings)

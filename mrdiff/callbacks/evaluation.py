@@ -237,8 +237,8 @@ class ResolutionEvaluation(L.Callback):
             return True
         if configured_weights(self.inception_weights) is None and not self.fid:
             if not self._fid_skip_said and trainer.is_global_zero:
-                info("mrdiff: FID skipped: no Inception weights configured (set MRDIFF_INCEPTION_WEIGHTS or "
-                     "the evaluation callback's inception_weights)")
+                info("mrdiff: FID and KID skipped: no Inception weights (`make fid-weights` installs the standard "
+                     "ones; or set MRDIFF_INCEPTION_WEIGHTS or the evaluation callback's inception_weights)")
             self._fid_skip_said = True
             return False
         require_weights(self.inception_weights)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from mrdiff.metrics.detail import bootstrap_interval, detail_report, wilson_interval
-from mrdiff.metrics.fid import FID, to_uint8
+from mrdiff.metrics.fid import FID, rank_and_world, to_uint8
 from mrdiff.metrics.structure import ImageScan, scan, structure_score
 
 
@@ -43,7 +43,8 @@ class InceptionScores:
 
     The reference features are extracted once and kept across every row scored against them. Give `fid` to
     reuse a FID metric whose real statistics are already in (e.g. from the on-disk cache of `mrdiff test`).
-    Under DDP each rank updates with its own fakes and torchmetrics gathers the features on compute.
+    Under DDP each rank updates with its own fakes and its share of the reals, and torchmetrics gathers the
+    features on compute.
     """
 
     @torch.no_grad()
@@ -54,7 +55,8 @@ class InceptionScores:
         self.kid = KernelInceptionDistance(feature=extractor, subset_size=min(num_fakes, len(reference), 100),
                                            subsets=50, normalize=False, reset_real_features=False).to(device)
         self.fid = fid if fid is not None else FID(extractor).to(device)
-        for batch in reference.split(batch_size):
+        rank, world = rank_and_world()
+        for batch in reference[rank::world].split(batch_size):  # each real once across ranks (synced on compute)
             if fid is None:
                 self.fid.update_images(batch.to(device), real=True)
             self.kid.update(to_uint8(batch).to(device), real=True)

@@ -62,6 +62,8 @@ class EvalTable:
         blocks = []
         for metric in self.metrics():
             heading, fmt = METRICS[metric]
+            if metric in ("fid", "kid") and self.settings.get("num_samples"):  # never compare FIDs across N
+                heading += f" (N = {self.settings['num_samples']} fakes, {self.settings.get('num_reference')} reals)"
             lines = [f"**{heading}**", "", "| | " + " | ".join(self.resolutions) + " |",
                      "|---|" + "---:|" * len(self.resolutions)]
             for v in self.variants:

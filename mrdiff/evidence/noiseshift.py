@@ -2,15 +2,15 @@
 
     mrdiff evidence noiseshift --model models/fixed/seed0.pt --size 24 --out results/noiseshift_images
 
-On held-out synthetic-scene renders at one resolution (DDIM-25 timesteps, configs/quickstart.yaml's search):
-1. tables with the noise-aware rule (k = 3) for 8 and 32 images (the README's guidance), a second 32-image
-   table with another ε seed and other images (agreement within bands), and today's argmin (k = 0) with the
-   first table's images and noise;
-2. on fresh images and noise, the one-step loss at each table's t̂ minus the loss at t (summed over timesteps,
-   per image; mean with a 95% t-interval): does a table's move generalise?
-3. DDIM-25 samples with seeds 0..S−1 without a table, with today's table and with the noise-aware one: one-sun
-   rate (Wilson 95%) and spectrum distance to held-out renders (bootstrap 95%), and the paired differences
-   noise-aware − today (bootstrap over seeds, 95%).
+On held-out synthetic-scene renders at one resolution (DDIM-25 timesteps, the quickstart's search windows):
+1. tables by each rule: pooled (the default: one curve, one held-out test), per_timestep (k = 3) and argmin
+   (k = 0), with 8 and 32 images, and for pooled and per_timestep a second 32-image table with another ε seed
+   and other images (agreement within bands);
+2. on fresh images and noise, the one-step loss at each 32-image table's t̂ minus the loss at t (summed over
+   timesteps, per image; mean with a 95% t-interval): does a table's move generalise?
+3. DDIM-25 samples with seeds 0..S−1 without a table and with each rule's 32-image table: one-sun rate (Wilson
+   95%) and spectrum distance to held-out renders (bootstrap 95%), and each table's paired difference against
+   no table (bootstrap over seeds, 95%).
 Writes measure.json, table.md and t_hat.png into --out (a new folder).
 """
 
@@ -54,14 +54,21 @@ def t_interval(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean() - half), float(values.mean() + half)
 
 
+PLAN = {  # table name → (rule, images, k, ε seed, image set)
+    "pooled_8": ("pooled", 8, 3.0, 0, "a"), "pooled_32": ("pooled", 32, 3.0, 0, "a"),
+    "pooled_32_seed1": ("pooled", 32, 3.0, 1, "b"),
+    "per_timestep_8": ("per_timestep", 8, 3.0, 0, "a"), "per_timestep_32": ("per_timestep", 32, 3.0, 0, "a"),
+    "per_timestep_32_seed1": ("per_timestep", 32, 3.0, 1, "b"), "argmin_32": ("argmin", 32, 0.0, 0, "a"),
+}
+COMPARED = ("pooled_32", "per_timestep_32", "argmin_32")  # the tables whose gain and samples are measured
+
+
 def calibrations(model, size: int, steps: list[int]) -> dict[str, dict]:
     """name → {calibration, settings, seconds, images}."""
     eps = model.canvas_eps(size, size)
-    plan = {"aware_8": (8, 3.0, 0, "a"), "aware_32": (32, 3.0, 0, "a"),
-            "aware_32_seed1": (32, 3.0, 1, "b"), "today_32": (32, 0.0, 0, "a")}
     out = {}
-    for name, (num, k, seed, image_set) in plan.items():
-        settings = SearchSettings(num_images=num, k=k, seed=seed, coarse_stride=0.02, fine_stride=0.002,
+    for name, (rule, num, k, seed, image_set) in PLAN.items():
+        settings = SearchSettings(num_images=num, k=k, seed=seed, rule=rule, coarse_stride=0.02, fine_stride=0.002,
                                   max_batch=512)
         start = time.perf_counter()
         cal = calibrate(eps, model.schedule, renders(size, num, image_set), steps, settings, progress=False)
@@ -110,7 +117,8 @@ def held_out_gain(model, size: int, tables: dict[str, Calibration], num: int) ->
 @torch.no_grad()
 def sampled(model, size: int, tables: dict[str, Calibration | None], num: int, steps: int,
             reference: torch.Tensor) -> dict:
-    """One-sun rate and spectrum distance per variant, and the paired differences aware − today."""
+    """One-sun rate and spectrum distance per table (None: no table), and each table's paired difference
+    against no table (bootstrap over seeds)."""
     ref_spectrum = radial_power_spectrum(reference)
     seeds, out, per_seed = list(range(num)), {}, {}
     for name, cal in tables.items():
@@ -126,68 +134,71 @@ def sampled(model, size: int, tables: dict[str, Calibration | None], num: int, s
                      "spectrum_ci": bootstrap_interval(spectra, lambda s: spectrum_distance(s, ref_spectrum)),
                      "seconds": time.perf_counter() - start}
         info(f"samples {name}: one-sun {one.mean():.3f}, spectrum {dist:.3f}")
-    (one_a, spec_a), (one_t, spec_t) = per_seed["aware"], per_seed["today"]
+    one_n, spec_n = per_seed["none"]
     index = np.arange(num)
-    out["aware_minus_today"] = {
-        "one_sun_rate": float(one_a.mean() - one_t.mean()),
-        "one_sun_ci": bootstrap_interval(index, lambda i: one_a[i].mean() - one_t[i].mean()),
-        "spectrum_distance": spectrum_distance(spec_a, ref_spectrum) - spectrum_distance(spec_t, ref_spectrum),
-        "spectrum_ci": bootstrap_interval(index, lambda i: spectrum_distance(spec_a[i], ref_spectrum)
-                                          - spectrum_distance(spec_t[i], ref_spectrum)),
-        "seeds_with_different_one_sun": int((one_a != one_t).sum()),
-    }
+    for name in [n for n in tables if n != "none"]:
+        one_x, spec_x = per_seed[name]
+        out[f"{name}_minus_none"] = {
+            "one_sun_rate": float(one_x.mean() - one_n.mean()),
+            "one_sun_ci": bootstrap_interval(index, lambda i, a=one_x: a[i].mean() - one_n[i].mean()),
+            "spectrum_distance": spectrum_distance(spec_x, ref_spectrum) - spectrum_distance(spec_n, ref_spectrum),
+            "spectrum_ci": bootstrap_interval(index, lambda i, a=spec_x: spectrum_distance(a[i], ref_spectrum)
+                                              - spectrum_distance(spec_n[i], ref_spectrum)),
+            "seeds_with_different_one_sun": int((one_x != one_n).sum()),
+        }
     return out
 
 
-def figure(cals: dict[str, dict], path: Path) -> None:
-    """t̂ − t of the 32-image tables: noise-aware with its band, its second seed, and today's argmin."""
+def figure(cals: dict[str, dict], size: int, path: Path) -> None:
+    """t̂ − t of the 32-image tables: each rule with its band, and the second seed of pooled and per_timestep."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    a, b, today = (cals[n]["calibration"] for n in ("aware_32", "aware_32_seed1", "today_32"))
-    t = np.asarray(a.t)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.fill_between(t, np.asarray(a.band_lo) - t, np.asarray(a.band_hi) - t, alpha=0.25, lw=0,
-                    label="band (seed 0, k = 3)")
-    ax.plot(t, np.asarray(a.t_hat) - t, marker="o", label=f"noise-aware, seed 0 ({a.moved} moved)")
-    ax.plot(t, np.asarray(b.t_hat) - t, marker="x", ls="--", label=f"noise-aware, seed 1 ({b.moved} moved)")
-    ax.plot(t, np.asarray(today.t_hat) - t, marker=".", ls=":", label=f"argmin (k = 0), seed 0 ({today.moved} moved)")
+    for name, style in (("pooled_32", "o-"), ("pooled_32_seed1", "x--"), ("per_timestep_32", "s-"),
+                        ("per_timestep_32_seed1", "+--"), ("argmin_32", ".:")):
+        cal = cals[name]["calibration"]
+        t = np.asarray(cal.t)
+        (line,) = ax.plot(t, np.asarray(cal.t_hat) - t, style, ms=4, label=f"{name} ({cal.moved} moved)")
+        if not name.endswith("seed1") and cal.has_uncertainty:
+            ax.fill_between(t, np.asarray(cal.band_lo) - t, np.asarray(cal.band_hi) - t, alpha=0.15, lw=0,
+                            color=line.get_color())
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="timestep t", ylabel="t̂ − t", title="NoiseShift at 24², fixed model, 32 images")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="timestep t", ylabel="t̂ − t", title=f"NoiseShift at {size}², 32 images, by rule")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def markdown(result: dict) -> str:
-    """The README's tables."""
+    """The tables of the NoiseShift doc."""
     meta = result["meta"]
     lines = [f"Written by `{meta['command']}` ({meta['machine']}, torch {meta['torch']}, 1 thread) in "
              f"{meta['wall_seconds'] / 60:.1f} min; {meta['model']} at {meta['size']}², "
              f"DDIM-{meta['steps']} timesteps.", "",
-             "| table | images | k | moved | median band width (timesteps) | timesteps unresolved | warns |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| table | rule | images | moved | median band width (timesteps) | timesteps unresolved | warns |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for name, row in result["tables"].items():
-        lines.append(f"| {name} | {row['images']} | {row['k']:g} | {row['moved']} of {row['timesteps']} | "
+        lines.append(f"| {name} | {row['rule']} | {row['images']} | {row['moved']} of {row['timesteps']} | "
                      f"{row['median_band_width']:.1f} | {row['unresolved']} | {'yes' if row['warning'] else 'no'} |")
-    g = result["agreement"]
-    lines += ["", f"Seed 0 vs seed 1 (other ε, other images), 32 images: seed 1's t̂ in seed 0's band at "
-              f"{g['b_in_a']} of {g['timesteps']} timesteps, seed 0's in seed 1's at {g['a_in_b']}; today's argmin "
-              f"t̂ in seed 1's noise-aware band at {result['today_in_aware_band']} of {g['timesteps']}.", "",
-              "| on 64 fresh images and noise | Σ_t ℓ(t̂) − ℓ(t) per image, mean [95% CI] |", "|---|---:|"]
+    lines.append("")
+    for rule, g in result["agreement"].items():
+        lines.append(f"- {rule}, seed 0 vs seed 1 (other ε, other images), 32 images: seed 1's t̂ in seed 0's band "
+                     f"at {g['b_in_a']} of {g['timesteps']} timesteps, seed 0's in seed 1's at {g['a_in_b']}.")
+    lines += ["", "| on 64 fresh images and noise | Σ_t ℓ(t̂) − ℓ(t) per image, mean [95% CI] |", "|---|---:|"]
     for name, row in result["held_out"].items():
         lines.append(f"| {name} | {row['mean']:+.5f} [{row['ci'][0]:+.5f}, {row['ci'][1]:+.5f}] |")
     s = result["samples"]
     lines += ["", f"| {meta['num_samples']} DDIM-{meta['steps']} samples, seeds 0..{meta['num_samples'] - 1} | "
               "one-sun rate [95% CI] | spectrum distance ↓ [95% CI] |", "|---|---:|---:|"]
-    for name in ("none", "today", "aware", "aware_minus_today"):
-        r, f = s[name], "{:+.3f}" if name == "aware_minus_today" else "{:.3f}"
+    for name in s:
+        r, f = s[name], "{:+.3f}" if name.endswith("_minus_none") else "{:.3f}"
         cells = [f"{f.format(r[m])} [{f.format(r[ci][0])}, {f.format(r[ci][1])}]"
                  for m, ci in (("one_sun_rate", "one_sun_ci"), ("spectrum_distance", "spectrum_ci"))]
-        lines.append(f"| {name.replace('_', ' ')} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {name.replace('_minus_none', ' − none')} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -210,17 +221,19 @@ def main(argv: list[str] | None = None) -> None:
     tables = {}
     for name, c in cals.items():
         cal, s = c["calibration"], c["settings"]
-        tables[name] = {"images": s.num_images, "k": s.k, "seed": s.seed, "moved": cal.moved, "timesteps": len(cal.t),
+        tables[name] = {"rule": s.rule, "images": s.num_images, "k": s.k, "seed": s.seed, "moved": cal.moved,
+                        "timesteps": len(cal.t),
                         "median_band_width": float(np.median(np.subtract(cal.band_hi, cal.band_lo))),
                         "unresolved": int(unresolved(cal, model.schedule, s).sum()),
                         "warning": resolution_warning(str(args.size), cal, model.schedule, s, s.num_images),
                         "seconds": c["seconds"], "calibration": cal.to_dict()}
-    a, b, today = (cals[n]["calibration"] for n in ("aware_32", "aware_32_seed1", "today_32"))
-    result = {"tables": tables, "agreement": agreement(a, b),
-              "today_in_aware_band": agreement(b, today)["b_in_a"],
-              "held_out": held_out_gain(model, args.size, {"today": today, "aware": a}, 64),
-              "samples": sampled(model, args.size, {"none": None, "today": today, "aware": a}, args.num_samples,
-                                 args.steps, renders(args.size, 400, "reference"))}
+    compared = {name: cals[name]["calibration"] for name in COMPARED}
+    result = {"tables": tables,
+              "agreement": {rule: agreement(cals[f"{rule}_32"]["calibration"], cals[f"{rule}_32_seed1"]["calibration"])
+                            for rule in ("pooled", "per_timestep")},
+              "held_out": held_out_gain(model, args.size, compared, 64),
+              "samples": sampled(model, args.size, {"none": None, **compared}, args.num_samples, args.steps,
+                                 renders(args.size, 400, "reference"))}
     command = "mrdiff evidence noiseshift " + " ".join(argv if argv is not None else sys.argv[1:])
     result["meta"] = {"command": command, "model": args.model, "size": args.size,
                       "num_samples": args.num_samples, "steps": args.steps, "torch": torch.__version__,
@@ -228,5 +241,5 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "measure.json").write_text(json.dumps(result, indent=1, default=float))
     (out / "table.md").write_text(markdown(result))
-    figure(cals, out / "t_hat.png")
+    figure(cals, args.size, out / "t_hat.png")
     info(markdown(result))

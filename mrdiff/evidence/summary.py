@@ -16,25 +16,29 @@ from mrdiff.console import info
 from mrdiff.evaluation.report import format_cell
 from mrdiff.resolution import parse_resolution, resolution_key
 
-COLUMNS = (  # (metric, heading, format); the first is read at R, the others at --at
-    ("one_sun_rate", "one-sun rate at R", "{:.2f}"),
-    ("one_sun_rate", "one-sun rate", "{:.2f}"),
-    ("mean_num_suns", "suns per image", "{:.2f}"),
-    ("stacked_horizon_rate", "stacked horizons", "{:.2f}"),
-    ("spectrum_distance", "spectrum distance", "{:.3f}"),
-    ("radius_error", "sun radius error", "{:.3f}"),
+COLUMNS = (  # (metric, heading, format, read at R?)
+    ("one_sun_rate", "one-sun rate at R", "{:.2f}", True),
+    ("one_sun_rate", "one-sun rate", "{:.2f}", False),
+    ("mean_num_suns", "suns per image", "{:.2f}", False),
+    ("stacked_horizon_rate", "stacked horizons", "{:.2f}", False),
+    ("spectrum_distance", "spectrum distance", "{:.3f}", False),
+    ("radius_error", "sun radius error", "{:.3f}", False),
 )
+KID_COLUMNS = (("kid", "KID at R", "{:.4f}", True), ("kid", "KID", "{:.4f}", False))  # reports with Inception
 
 
 def summary(result: dict, at: str) -> str:
-    """Markdown: one row per model and variant of the report, COLUMNS across, at size `at`."""
+    """Markdown: one row per model and variant of the report, COLUMNS across (and KID at R and at `at` when
+    the report measured it), at size `at`."""
     base = resolution_key(result["meta"]["base_resolution"], result["meta"]["base_resolution"])
-    headings = [f"{COLUMNS[0][1]} ({base})", *(f"{title} at {at}" for _, title, _ in COLUMNS[1:])]
+    has_kid = any("kid" in cell for by_size in result["cells"].values() for cell in by_size.values())
+    columns = COLUMNS + (KID_COLUMNS if has_kid else ())
+    headings = [f"{title} ({base})" if at_r else f"{title} at {at}" for _, title, _, at_r in columns]
     lines = [f"From `{result['meta']['command']}`; 95% intervals as in the report.", "",
-             "| | " + " | ".join(headings) + " |", "|---|" + "---:|" * len(COLUMNS)]
+             "| | " + " | ".join(headings) + " |", "|---|" + "---:|" * len(columns)]
     for row, by_size in result["cells"].items():
-        keys = [base] + [at] * (len(COLUMNS) - 1)
-        cells = [format_cell(by_size.get(key), metric, pattern) for key, (metric, _, pattern) in zip(keys, COLUMNS)]
+        cells = [format_cell(by_size.get(base if at_r else at), metric, pattern)
+                 for metric, _, pattern, at_r in columns]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

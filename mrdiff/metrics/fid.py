@@ -2,8 +2,9 @@
 
 FID = ‖μ_r − μ_f‖² + tr(Σ_r + Σ_f − 2 (Σ_r Σ_f)^½) over 2048-d pool features of torch-fidelity's Inception
 (the TF-ported weights that published FIDs use), fed uint8 images resized with TF1-style bilinear
-interpolation (torchmetrics' ``antialias=False``). The weights come from a local file only: an argument or
-``$MRDIFF_INCEPTION_WEIGHTS``; nothing here downloads.
+interpolation (torchmetrics' ``antialias=False``). The weights come from a local file only: an argument,
+``$MRDIFF_INCEPTION_WEIGHTS``, or else the file ``make fid-weights`` wrote to the cache
+(mrdiff.metrics.inception_weights); nothing here downloads.
 
 torchmetrics keeps the sufficient statistics (feature sums, Σ xxᵀ and counts) as states summed over DDP
 ranks, so every rank extracts features of its own share of the images and ``compute`` sees all of them.
@@ -28,6 +29,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from tqdm import tqdm
 
 from mrdiff.console import info
+from mrdiff.metrics.inception_weights import default_weights_path
 from mrdiff.utils import atomic_write, cache_dir, file_hash
 
 WEIGHTS_ENV = "MRDIFF_INCEPTION_WEIGHTS"
@@ -47,7 +49,9 @@ def weights_help(problem: str) -> str:
     """An error message: what is wrong with the weights, and how to get and configure the file."""
     return (
         f"{problem}. FID needs torch-fidelity's Inception weights {WEIGHTS_FILE} (about 92 MB); mrdiff never "
-        f"downloads them inside a job. On a machine with internet access run\n"
+        f"downloads them inside a job. Run `make fid-weights` (or `python -m mrdiff.metrics.inception_weights`) "
+        f"once: it writes {default_weights_path()}, used when nothing else is configured. Or, on a machine "
+        f"with internet access, run\n"
         f"  curl -L -o ~/.cache/mrdiff/{WEIGHTS_FILE} {WEIGHTS_URL}\n"
         f"(or copy ~/.cache/torch/hub/checkpoints/{WEIGHTS_FILE} if torch-fidelity downloaded it before), "
         f"then point mrdiff at it: `export {WEIGHTS_ENV}=/path/to/{WEIGHTS_FILE}`, or set the evaluation "
@@ -56,16 +60,20 @@ def weights_help(problem: str) -> str:
 
 
 def configured_weights(path: str | os.PathLike[str] | None = None) -> Path | None:
-    """The weights path from the argument, else from $MRDIFF_INCEPTION_WEIGHTS; None when neither is set."""
+    """The weights path from the argument, else from $MRDIFF_INCEPTION_WEIGHTS, else the file `make fid-weights`
+    wrote (mrdiff.metrics.inception_weights.default_weights_path) when it exists; None when there is none."""
     value = path if path not in (None, "") else os.environ.get(WEIGHTS_ENV) or None
-    return Path(value).expanduser() if value is not None else None
+    if value is not None:
+        return Path(value).expanduser()
+    cached = default_weights_path()
+    return cached if cached.is_file() else None
 
 
 def require_weights(path: str | os.PathLike[str] | None = None) -> Path:
     """The configured weights file, or InceptionWeightsError naming the file, the URL and the env var."""
     weights = configured_weights(path)
     if weights is None:
-        problem = f"No Inception weights configured (argument or ${WEIGHTS_ENV})"
+        problem = f"No Inception weights configured (argument, ${WEIGHTS_ENV} or `make fid-weights`)"
         raise InceptionWeightsError(weights_help(problem))
     if not weights.is_file():
         source = "argument" if path not in (None, "") else f"${WEIGHTS_ENV}"

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from mrdiff.console import info
 from mrdiff.diffusion.schedule import NoiseSchedule
+from mrdiff.noiseshift.pooled import pooled_summary
 from mrdiff.noiseshift.search import Calibration, SearchSettings, calibrate
 from mrdiff.noiseshift.table import NoiseShiftTable
 from mrdiff.noiseshift.weights import weights_hash
@@ -65,11 +66,14 @@ def calibrate_pipeline(
 def summary(calibration: Calibration, k: float) -> str:
     """'t̂ moved at 3 of 25 timesteps (k = 3), t̂ − t from −12.0 to +0.0, median band width 8.1 timesteps'."""
     shift = np.asarray(calibration.t_hat) - np.asarray(calibration.t)
-    line = (f"t̂ moved at {calibration.moved} of {len(shift)} timesteps (k = {k:g}), "
+    rule = f"k = {k:g}" if calibration.rule == "per_timestep" else calibration.rule
+    line = (f"t̂ moved at {calibration.moved} of {len(shift)} timesteps ({rule}), "
             f"t̂ − t from {shift.min():+.1f} to {shift.max():+.1f}")
     if calibration.has_uncertainty:
         width = np.asarray(calibration.band_hi) - np.asarray(calibration.band_lo)
         line += f", median band width {np.median(width):.1f} timesteps"
+    if calibration.pooled is not None:
+        line += "; " + pooled_summary(calibration)
     return line
 
 
