@@ -23,7 +23,7 @@ for entry in fixed=models/fixed_97min/seed0.pt multires=models/multires/seed0.pt
     --resolutions "[32,64,32x64]" --num_samples 16 --sampler ddim --steps 25 --eta 1 --out_dir $DEMO/$model
 done
 echo
-echo "Their evaluation (400 samples per cell, 95% intervals; README 'Results'):"
+echo "Their evaluation (400 samples per cell, 95% intervals; docs/evidence.md):"
 sed -n '1,14p' results/evidence/cpu_matrix_v2_97min/table.md  # the shipped 97-minute weights' 400-sample report
 echo "The canvases model (models/canvases/seed0.pt), same seeds and sampler (cpu_matrix_remedy/table.md):"
 sed -n '9p' results/evidence/cpu_matrix_remedy/table.md
