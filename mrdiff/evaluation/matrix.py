@@ -40,6 +40,7 @@ VARIANTS = (*DEFAULT_VARIANTS, *TRAINING_FREE)  # the training-free rows: above 
 class Settings:
     resolutions: list[tuple[int, int]]
     num_samples: int = 400
+    first_seed: int = 0  # samples use seeds first_seed … first_seed + num_samples − 1 (tuning runs use others)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)  # the CPU report uses DDIM-25, η = 1
     batch_size: int = 400
     calibration_images: int = 32
@@ -51,6 +52,11 @@ class Settings:
     extractor: torch.nn.Module | None = None  # Inception (FID and KID per cell), when weights are available
     sampler_check: int = 0  # samples per sampler in the DDIM / DDPM / DPM-Solver++ comparison at R; 0: none
     upsample: tuple[str, ...] = ("fixed",)  # models whose samples at R, upsampled, make "<model> + upsample" rows
+
+    @property
+    def seeds(self) -> range:
+        """The seeds of every sampled cell: sample i of every row and size uses the same one."""
+        return range(self.first_seed, self.first_seed + self.num_samples)
 
 
 def eps_mse_by_bucket(pipeline: DiffusionPipeline, reference: Tensor, seed: int = 0) -> dict[str, dict[str, float]]:
@@ -159,7 +165,7 @@ class Matrix:
                 cond = self.variant_cond(name, pipeline, variant, hw)
                 sampling, method = (training_free(variant, s.sampling, s.variant_args.get(variant))
                                     if variant in TRAINING_FREE else (s.sampling, None))
-                samples = generate(pipeline, range(s.num_samples), *hw, sampling=sampling, time_cond=cond,
+                samples = generate(pipeline, s.seeds, *hw, sampling=sampling, time_cond=cond,
                                    batch_size=s.batch_size, method=method)
                 if variant == "plain" and hw == (side, side):
                     plain_at_r = samples
@@ -170,7 +176,7 @@ class Matrix:
                      f"spectrum {cell['spectrum_distance']:.3f} ({time.time() - start:.1f} s)")
         if name in s.upsample:
             base = plain_at_r if plain_at_r is not None else generate(
-                pipeline, range(s.num_samples), side, side, sampling=s.sampling, batch_size=s.batch_size)
+                pipeline, s.seeds, side, side, sampling=s.sampling, batch_size=s.batch_size)
             for hw in s.resolutions:
                 if hw[0] * hw[1] > side**2:
                     self.add(Variant.of(name, "upsample").label, hw, upsample(base, *hw))

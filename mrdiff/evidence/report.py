@@ -79,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/evidence/report", help="a new folder (reports are never overwritten)")
     p.add_argument("--resolutions", default="24,32,48,64,32x64", help="R = 32: below R, R, 1.5R, 2R, R x 2R")
     p.add_argument("--num-samples", type=int, default=400)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first … first + N − 1 (tune on others than "
+                                                              "the report's)")
     default = SamplingSettings()
     p.add_argument("--sampler", default=default.sampler, choices=["ddim", "dpmpp_2m"])
     p.add_argument("--steps", type=int, default=default.steps)
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     weights.update({n: Path(p) for n, p in extra.items()})
     device = torch.device(args.device)
     settings = Settings(resolutions=resolutions,
-                        num_samples=args.num_samples, sampling=SamplingSettings(args.sampler, args.steps, args.eta),
+                        num_samples=args.num_samples, first_seed=args.first_seed,
+                        sampling=SamplingSettings(args.sampler, args.steps, args.eta),
                         batch_size=args.batch_size, calibration_images=args.calibration_images,
                         num_reference=args.num_reference,
                         variants=variants, variant_args=variant_args, shifted_at=shifted_at,
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": "mrdiff evidence report " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "torch": torch.__version__, "wall_seconds": time.time() - start,
-        "resolutions": settings.resolutions, "num_samples": settings.num_samples, **asdict(settings.sampling),
+        "resolutions": settings.resolutions, "num_samples": settings.num_samples,
+        "first_seed": settings.first_seed, **asdict(settings.sampling),
         "sampler_check": settings.sampler_check, "variants": settings.variants,
         "variant_args": settings.variant_args, "shifted_at": settings.shifted_at,
         "base_resolution": first["module"]["train_resolution"], "models": {n: str(p) for n, p in weights.items()},
