@@ -42,10 +42,12 @@ def markdown(result: dict) -> str:
     meta, cells = result["meta"], result["cells"]
     columns = [resolution_key(*hw) for hw in meta["resolutions"]]
     eta = f" (η = {meta['eta']:g})" if meta.get("eta") else ""
+    first = meta.get("first_seed", 0)
     lines = [f"Written by `{meta['command']}` on {meta['device']} (torch {meta['torch']}) in "
              f"{meta['wall_seconds'] / 60:.1f} min. {meta['num_samples']} samples per cell, "
              f"{SAMPLER_NAMES.get(meta.get('sampler', 'ddim'), meta.get('sampler'))}-{meta['steps']}{eta}, "
-             f"seeds {meta.get('first_seed', 0)}..{meta.get('first_seed', 0) + meta['num_samples'] - 1}; intervals are 95% (Wilson for rates, bootstrap for means). "
+             f"seeds {first}..{first + meta['num_samples'] - 1}; intervals are 95% (Wilson for rates, bootstrap for "
+             f"means). "
              f"Trained at R = {meta['base_resolution']}.", ""]
     for metric, title, pattern in METRICS:
         if not any(metric in cell for by_res in cells.values() for cell in by_res.values()):
