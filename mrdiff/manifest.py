@@ -31,7 +31,7 @@ from mrdiff.evidence.curves import pixels_per_step
 LAYOUT = re.compile(r"^models/(?P<recipe>[a-z0-9_]+)/seed(?P<seed>\d+)(?:_(?P<steps>\d+))?\.pt$")
 REPORT_FILES = ("table.json", "table.md", "SOURCE.md")  # files of a report folder that name its weights
 GIT_FIELDS = ("commit", "former_path", "content_commit")  # from git, else from the manifest being replaced
-STAMP = "norm_group_channels"  # set by every U-Net built after the GroupNorm fix (README, "The defect")
+STAMP = "norm_group_channels"  # set by every U-Net built after the GroupNorm fix (docs/evidence.md: the GroupNorm fix)
 COMMAND = "python -m mrdiff.manifest"
 
 

@@ -51,8 +51,8 @@ class MultiResDataModule(L.LightningDataModule):
         s_max: Largest side an image is rescaled to.
         patch_size: Side of the training patches.
         p_min: Probability of rescaling to exactly s_min (otherwise s ~ U{s_min, ..., s_max}).
-        canvas_fraction: Share of training batches made of whole canvases instead of patches (README,
-            "Results"): the only way the loss sees a layout constraint wider than a patch. 0: the paper's recipe.
+        canvas_fraction: Share of training batches made of whole canvases instead of patches (docs/evidence.md):
+            the only way the loss sees a layout constraint wider than a patch. 0: the paper's recipe.
         canvas_sizes: Sides of those whole canvases, in [s_min, s_max] and divisible by the U-Net's factor.
         per_batch_scale: Draw one scale per batch instead of one per sample.
         coord_mode: Coordinates normalised to the canvas ([-1, 1]), or in units of patch_size pixels.

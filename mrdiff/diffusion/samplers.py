@@ -238,7 +238,7 @@ class SamplingSettings:
         sampler: ddim, dpmpp_2m (DPM-Solver++(2M)) or ddpm (ancestral, all T steps).
         steps: Network calls of DDIM or DPM-Solver++; DDPM ignores it.
         eta: DDIM's η: 0 is deterministic, 1 re-noises as much as DDPM. Young models sample cleaner with 1
-            (README, "Which sampler"); the other samplers ignore it.
+            (docs/samplers.md); the other samplers ignore it.
         attention_scaling: At a token count other than training's, rescale attention logits by
             log n / log n_train (entropy-preserving attention, Jin et al. 2023); off by default.
     """

@@ -1,4 +1,4 @@
-"""One size of an evidence report, models down and metrics across: the layout of the README's headline tables.
+"""One size of an evidence report, models down and metrics across: the layout of the README's headline table.
 
     mrdiff evidence summary results/evidence/cpu_matrix_matched_seeds --at 64
 

@@ -19,7 +19,7 @@ class FourierFeatures(nn.Module):
     The log-spaced frequencies run from min_frequency to max_frequency. With the default start of 1 cycle
     per unit and integer frequencies (1, 2, 4, 8), every feature has period 1: x and x + 1, the left and
     right halves of a [−1, 1] canvas, share all features. min_frequency < 0.5 gives every canvas point its
-    own features; the README's "Results" reports what that changed on the synthetic scenes (a mixed result,
+    own features; docs/evidence.md reports what that changed on the synthetic scenes (a mixed result,
     which is why the default stays at 1).
 
     With `antialias`, each feature is replaced by its average over the pixel footprint (a box of the grid

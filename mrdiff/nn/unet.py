@@ -55,7 +55,7 @@ class UNet(nn.Module):
         dropout: Dropout inside the ResBlocks.
         coord_frequencies: Fourier frequencies of the coordinate grid, added in every ResBlock; 0: none.
         coord_max_frequency: Highest frequency, in cycles per canvas half-width (normalised coordinates).
-        coord_min_frequency: Lowest frequency; below 0.5 the features tell every canvas point apart (README).
+        coord_min_frequency: Lowest frequency; below 0.5 the features tell every canvas point apart (docs/evidence.md).
         coord_basis: log-spaced frequencies, or random gaussian ones.
         coord_antialias: Damp the frequencies a level cannot resolve at its pixel spacing.
         safa_levels: Levels whose ResBlocks use a scale-aware second convolution (SAFA).

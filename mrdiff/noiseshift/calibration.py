@@ -101,7 +101,7 @@ def resolution_warning(
     return (f"NoiseShift {key}: with {num_images} images the search cannot tell a shift of one coarse stride "
             f"(±{settings.coarse_stride:g} σ_rf) from none at {int(blind.sum())} of {len(blind)} timesteps, "
             "so t̂ stays at t there for lack of evidence, not because the model needs no shift: "
-            "calibrate with more images (--num_images; the README says how many)")
+            "calibrate with more images (--num_images; docs/noiseshift.md says how many)")
 
 
 def plot_table(table: NoiseShiftTable, path: Path) -> Path:

@@ -21,7 +21,7 @@ class SearchSettings:
         coarse_stride: Step of the coarse search.
         fine_window: Half-width of the fine search around the coarse choice.
         fine_stride: Step of the fine search.
-        num_images: Held-out images per resolution, at least 2 (the README says how many a shift needs).
+        num_images: Held-out images per resolution, at least 2 (docs/noiseshift.md says how many a shift needs).
         max_batch: Candidates × images per forward pass.
         seed: Seed of the ε draws, common to all candidates (a second seed checks a table's bands).
         k: Move t̂ only when the best candidate beats t by more than k standard errors; 0: plain argmin.
