@@ -237,3 +237,19 @@ def test_report_summary_adds_kid_at_r_and_at_the_chosen_size_when_the_report_has
     lines = (tmp_path / "summary_64.md").read_text().splitlines()
     assert lines[2].endswith("| KID at R (32) | KID at 64 |")
     assert lines[4] == "| fixed | 1.00 | 0.80 | – | – | – | – | 0.0020 | 0.0123 [0.0101, 0.0145] |"
+
+
+def test_paired_differences_are_row_minus_plain_on_the_same_seeds():
+    """One seed of four gains its sun: Δ one-sun = +0.25 exactly; identical images differ by 0 everywhere."""
+    from mrdiff.data.synthetic import render_canvas, sample_scene
+    from mrdiff.evaluation.scores import paired_differences
+    from mrdiff.metrics.structure import sun_mask
+
+    truth = torch.stack([render_canvas(sample_scene(i), 32, 32) for i in range(4)])
+    sky = truth[:, :, :1].expand_as(truth)  # every row the top row's colour: no sun in the first image …
+    base = torch.where(sun_mask(truth[:1])[:, None], sky[:1], truth[:1])
+    base = torch.cat([base, truth[1:]])
+    same = paired_differences(truth, truth, truth)
+    assert same["one_sun_rate"] == 0 and same["spectrum_distance"] == 0 and same["sky_red"] == 0
+    gained = paired_differences(truth, base, truth)
+    assert gained["one_sun_rate"] == 0.25 and gained["one_sun_rate_lo"] <= 0.25 <= gained["one_sun_rate_hi"]

@@ -27,8 +27,9 @@ from mrdiff.noiseshift.time_cond import AnalyticShift, InterpolatedTimeCond
 from mrdiff.pipeline import DiffusionPipeline, SamplingMethod
 
 HELD_OUT_SEED = 10**7  # scenes for references and calibration: never in a training set (seeds < 10^6)
-Kind = Literal["plain", "noiseshift", "analytic", "upsample", "scaled_attention", "redilation", "window_fusion",
-               "redenoise"]
+Kind = Literal["plain", "noiseshift", "noiseshift_per_timestep", "noiseshift_argmin", "analytic", "upsample",
+               "scaled_attention", "redilation", "window_fusion", "redenoise"]
+NOISESHIFT_RULES = {"noiseshift": "pooled", "noiseshift_per_timestep": "per_timestep", "noiseshift_argmin": "argmin"}
 TRAINING_FREE = ("scaled_attention", "redilation", "window_fusion", "redenoise")  # rows above the training size only
 
 
@@ -108,12 +109,12 @@ def training_free(kind: str, sampling: SamplingSettings,
 
 
 def held_out_noiseshift(pipeline: DiffusionPipeline, height: int, width: int, sampling: SamplingSettings,
-                        num_images: int) -> tuple[InterpolatedTimeCond, dict]:
-    """NoiseShift calibrated at (height, width) on held-out renders (the evidence report's "+ noiseshift" row);
-    returns the time conditioning and the calibration as a dict."""
+                        num_images: int, rule: str = "pooled") -> tuple[InterpolatedTimeCond, dict]:
+    """NoiseShift calibrated at (height, width) on held-out renders by `rule` (the evidence report's
+    "+ noiseshift…" rows); returns the time conditioning and the calibration as a dict."""
     images = references(height, width, num_images).to(pipeline.device)
     search = SearchSettings(num_images=num_images, coarse_stride=0.02, fine_window=0.02, fine_stride=0.004,
-                            max_batch=1024)
+                            max_batch=1024, rule=rule)
     with torch.no_grad(), default_context(pipeline):
         calibration = calibrate(pipeline.canvas_eps(height, width), pipeline.schedule, images,
                                 sampling.timesteps(pipeline.schedule), search, progress=False)

@@ -17,6 +17,7 @@ from mrdiff.console import info
 from mrdiff.data.synthetic import reference_radii
 from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.evaluation.cells import (
+    NOISESHIFT_RULES,
     TRAINING_FREE,
     Variant,
     analytic_shift,
@@ -27,13 +28,14 @@ from mrdiff.evaluation.cells import (
     upsample,
 )
 from mrdiff.evaluation.report import SAMPLER_NAMES, T_BUCKETS
-from mrdiff.evaluation.scores import InceptionScores, score_cell
+from mrdiff.evaluation.scores import InceptionScores, paired_differences, score_cell
 from mrdiff.exported import load
 from mrdiff.pipeline import DiffusionPipeline
 from mrdiff.resolution import resolution_key
 
 DEFAULT_VARIANTS = ("plain", "noiseshift", "analytic")
-VARIANTS = (*DEFAULT_VARIANTS, *TRAINING_FREE)  # the training-free rows: above the training size only
+VARIANTS = (*DEFAULT_VARIANTS, "noiseshift_per_timestep", "noiseshift_argmin",  # NoiseShift by its other rules
+            *TRAINING_FREE)  # the training-free rows: above the training size only
 
 
 @dataclass
@@ -137,9 +139,10 @@ class Matrix:
     def variant_cond(self, name: str, pipeline: DiffusionPipeline, variant: str, hw: tuple[int, int]):
         if variant == "analytic":
             return analytic_shift(pipeline, *hw)
-        if variant == "noiseshift":
-            cond, self.tables.setdefault(name, {})[resolution_key(*hw)] = held_out_noiseshift(
-                pipeline, *hw, self.settings.sampling, self.settings.calibration_images)
+        if variant in NOISESHIFT_RULES:
+            table = self.tables.setdefault(name if variant == "noiseshift" else Variant.of(name, variant).label, {})
+            cond, table[resolution_key(*hw)] = held_out_noiseshift(
+                pipeline, *hw, self.settings.sampling, self.settings.calibration_images, NOISESHIFT_RULES[variant])
             return cond
         return None
 
@@ -156,6 +159,7 @@ class Matrix:
         plain_at_r = None  # the plain samples at R, reused by the upsample row (same seeds, same samples)
         for hw in s.resolutions:
             self.diagnostics[name]["eps_mse"][resolution_key(*hw)] = eps_mse_by_bucket(pipeline, self.refs[hw])
+            plain = None  # this size's plain samples: the other rows' paired differences are against them
             for variant in s.variants:
                 if variant != "plain" and s.shifted_at is not None and hw not in s.shifted_at:
                     continue
@@ -169,8 +173,11 @@ class Matrix:
                                    batch_size=s.batch_size, method=method)
                 if variant == "plain" and hw == (side, side):
                     plain_at_r = samples
+                plain = samples if variant == "plain" else plain
                 row = Variant.of(name, variant).label
                 cell = self.add(row, hw, samples)
+                if variant != "plain" and plain is not None:
+                    cell["paired"] = paired_differences(samples, plain, self.refs[hw])
                 cell["seconds"] = time.time() - start
                 info(f"mrdiff evidence: {row} at {resolution_key(*hw)}: one-sun {cell['one_sun_rate']:.3f}, "
                      f"spectrum {cell['spectrum_distance']:.3f} ({time.time() - start:.1f} s)")

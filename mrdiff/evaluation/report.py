@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mrdiff.console import info
@@ -57,6 +58,7 @@ def markdown(result: dict) -> str:
             values = (format_cell(by_res.get(c), metric, pattern) for c in columns)
             lines.append(f"| {row} | " + " | ".join(values) + " |")
         lines.append("")
+    lines += paired_lines(cells, columns)
     lines += ["**Training and ε-MSE per timestep bucket at R (held-out renders; x̂0-MSE in brackets)**", ""]
     buckets = [f"{lo}-{hi}" for lo, hi in T_BUCKETS]
     lines += ["| model | steps | train min | " + " | ".join(buckets) + " |", "|---|---:|---:|" + "---:|" * len(buckets)]
@@ -123,11 +125,54 @@ def save_figure(figure: dict[str, dict[str, torch.Tensor]], columns: list[str], 
     plt.close(fig)
 
 
+PAIRED = (("one_sun_rate", "Δ one-sun rate", "{:+.3f}"), ("spectrum_distance", "Δ spectrum distance", "{:+.4f}"),
+          ("sky_red", "Δ sky red", "{:+.3f}"))
+
+
+def paired_lines(cells: dict, columns: list[str]) -> list[str]:
+    """Each row's paired difference against its model's plain row at the same size and seeds (when measured)."""
+    found = [(row, key, by_res[key]["paired"]) for row, by_res in cells.items() for key in columns
+             if "paired" in by_res.get(key, {})]
+    if not found:
+        return []
+    lines = ["**Paired against the plain row: the same seeds, row − plain, 95% bootstrap over seeds**", "",
+             "| row | size | " + " | ".join(title for _, title, _ in PAIRED) + " |",
+             "|---|---|" + "---:|" * len(PAIRED)]
+    for row, key, paired in found:
+        lines.append(f"| {row} | {key} | " + " | ".join(format_cell(paired, m, f) for m, _, f in PAIRED) + " |")
+    return [*lines, ""]
+
+
+def plot_noiseshift(tables: dict[str, dict[str, dict]], path: Path) -> None:
+    """t̂ − t of every NoiseShift calibration the report made, one panel per row, one line per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.4), squeeze=False)
+    for ax, (row, by_size) in zip(axes[0], tables.items()):
+        for key, cal in by_size.items():
+            t = np.asarray(cal["t"])
+            accepted = (cal.get("pooled") or {}).get("accepted")
+            label = key + ("" if accepted is None else (" (accepted)" if accepted else " (rejected: identity)"))
+            ax.plot(t, np.asarray(cal["t_hat"]) - t, marker=".", label=label)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(xlabel="timestep t", ylabel="t̂ − t", title=row)
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_report(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     figure = result.pop("figure")
     columns = [resolution_key(*hw) for hw in result["meta"]["resolutions"]]
     save_figure(figure, columns, out / "samples.png")
+    if result.get("noiseshift"):
+        plot_noiseshift(result["noiseshift"], out / "noiseshift.png")
     (out / "table.json").write_text(json.dumps(result, indent=1))
     (out / "table.md").write_text(markdown(result))
     info(f"mrdiff evidence: wrote {out}/table.md, table.json and samples.png")

@@ -12,11 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from mrdiff.metrics.detail import bootstrap_interval, detail_report, wilson_interval
+from mrdiff.metrics.detail import (
+    bootstrap_interval,
+    detail_report,
+    radial_power_spectrum,
+    sky_colour,
+    spectrum_distance,
+    wilson_interval,
+)
 from mrdiff.metrics.fid import FID, rank_and_world, to_uint8
 from mrdiff.metrics.structure import ImageScan, scan, structure_score
 
@@ -86,4 +94,24 @@ def score_cell(images: Tensor, reference: Tensor | None, key: str, *, radii: Seq
         out.update(detail_report(images, reference))
     if inception is not None:
         out.update(inception(images if local is None else local), fid_n=float(len(images)))
+    return out
+
+
+def paired_differences(images: Tensor, base: Tensor, reference: Tensor, seed: int = 0) -> dict[str, float]:
+    """Each metric of `images` minus that of `base` sampled from the same seeds (sample i against sample i),
+    with a 95% bootstrap interval over the seeds: one-sun rate, spectrum distance to `reference`, sky red."""
+    ones = [found.counts == 1 for found in (scan(images), scan(base))]
+    ref = radial_power_spectrum(reference)
+    spectra = [radial_power_spectrum(x, bins=ref.shape[1]) for x in (images, base)]
+    reds = [sky_colour(x)[:, 0] for x in (images, base)]
+    seeds = np.arange(len(images))
+    stats = {
+        "one_sun_rate": lambda i: ones[0][i].mean() - ones[1][i].mean(),
+        "spectrum_distance": lambda i: spectrum_distance(spectra[0][i], ref) - spectrum_distance(spectra[1][i], ref),
+        "sky_red": lambda i: reds[0][i].mean() - reds[1][i].mean(),
+    }
+    out = {}
+    for name, statistic in stats.items():
+        lo, hi = bootstrap_interval(seeds, statistic, seed=seed)
+        out.update({name: float(statistic(seeds)), f"{name}_lo": lo, f"{name}_hi": hi})
     return out
