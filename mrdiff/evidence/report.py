@@ -103,7 +103,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler-check", type=int, default=0, metavar="N",
                    help="also sample N seeds at R with DDIM-50, DDPM-1000 and DPM-Solver++-10 (a sampler check)")
     p.add_argument("--inception-weights", default=None,
-                   help="Inception weights file: adds FID and KID per cell (default: $MRDIFF_INCEPTION_WEIGHTS)")
+                   help="Inception weights file: adds FID and KID per cell (default: $MRDIFF_INCEPTION_WEIGHTS, else "
+                        "the file `make fid-weights` wrote, if any)")
+    p.add_argument("--no-inception", action="store_true", help="no FID or KID even when weights are there")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                         variants=variants, variant_args=variant_args, shifted_at=shifted_at,
                         sampler_check=args.sampler_check, upsample=upsample,
                         extractor=inception(args.inception_weights).to(device)
-                        if configured_weights(args.inception_weights) else None)
+                        if configured_weights(args.inception_weights) and not args.no_inception else None)
     result = evaluate(weights, settings, device)
     first = read(next(iter(weights.values())))
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
