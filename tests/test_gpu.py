@@ -103,8 +103,8 @@ def test_sampling_and_calibration_on_cuda_match_the_cpu():
 
     cpu = DiffusionModule(small_unet(), num_timesteps=100).eval()
     gpu = DiffusionModule(small_unet(), num_timesteps=100).eval().to(CUDA)
-    a = cpu.sample([0, 1, 2], 32, 16, sampling=SamplingSettings(steps=5))
-    b = gpu.sample([0, 1, 2], 32, 16, sampling=SamplingSettings(steps=5)).cpu()
+    a = cpu.pipeline.sample([0, 1, 2], 32, 16, sampling=SamplingSettings(steps=5))
+    b = gpu.pipeline.sample([0, 1, 2], 32, 16, sampling=SamplingSettings(steps=5)).cpu()
     # per-sample generators draw different streams on CPU and CUDA: compare with the CPU's noise on the GPU
     assert a.shape == b.shape == (3, 3, 32, 16) and torch.isfinite(b).all()
     x_T = torch.randn(3, 3, 32, 16, generator=torch.Generator().manual_seed(0))
@@ -118,7 +118,7 @@ def test_sampling_and_calibration_on_cuda_match_the_cpu():
     assert torch.allclose(outs[0], outs[1], atol=1e-2), float((outs[0] - outs[1]).abs().max())
 
     settings = SearchSettings(coarse_window=0.05, coarse_stride=0.01, fine_window=0.01, fine_stride=0.002,
-                              num_images=4, max_batch=64, seed=0)
+                              num_images=4, max_batch=64, seed=0, rule="per_timestep")
     x0 = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
     tables = []
     for module in (cpu, gpu):

@@ -151,5 +151,5 @@ def test_compiled_module_computes_the_eager_loss_and_gradients_and_keeps_checkpo
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
     # sampling at another resolution runs the eager forward: no recompilation, the same images
     ddim3 = SamplingSettings(steps=3)
-    assert torch.allclose(eager.sample([0, 1], 24, sampling=ddim3), compiled.sample([0, 1], 24, sampling=ddim3),
-                          atol=1e-5)
+    assert torch.allclose(eager.pipeline.sample([0, 1], 24, sampling=ddim3),
+                          compiled.pipeline.sample([0, 1], 24, sampling=ddim3), atol=1e-5)
