@@ -253,3 +253,28 @@ def test_paired_differences_are_row_minus_plain_on_the_same_seeds():
     assert same["one_sun_rate"] == 0 and same["spectrum_distance"] == 0 and same["sky_red"] == 0
     gained = paired_differences(truth, base, truth)
     assert gained["one_sun_rate"] == 0.25 and gained["one_sun_rate_lo"] <= 0.25 <= gained["one_sun_rate_hi"]
+
+
+def test_tune_picks_the_best_layout_and_breaks_near_ties_by_detail(tmp_path):
+    """Layout = one-sun − stacked horizons decides; within 0.01 the lower spectrum distance wins."""
+    import json
+
+    from mrdiff.evidence.tune import main
+
+    def report(name, t0, stride, redenoise, window):
+        folder = tmp_path / name
+        folder.mkdir()
+        meta = {"variant_args": {"redenoise": {"t0": t0}, "window_fusion": {"stride": stride}}}
+        cells = {"fixed + redenoise": {"64": redenoise}, "fixed + window_fusion": {"64": window}, "fixed": {"64": {}}}
+        (folder / "table.json").write_text(json.dumps({"meta": meta, "cells": cells}))
+        return str(folder)
+
+    cell = lambda one, stacked, spectrum: {"one_sun_rate": one, "stacked_horizon_rate": stacked,  # noqa: E731
+                                           "spectrum_distance": spectrum}
+    a = report("a", 300, 8, cell(0.9, 0.1, 0.10), cell(0.70, 0.50, 0.05))
+    b = report("b", 500, 16, cell(0.9, 0.3, 0.01), cell(0.705, 0.50, 0.04))
+    main([a, b, "--at", "64", "--out", str(tmp_path / "out")])
+    choice = json.loads((tmp_path / "out" / "choice.json").read_text())
+    assert choice["choice"]["redenoise"]["setting"] == {"t0": 300}  # 0.8 beats 0.6 whatever its detail
+    assert choice["choice"]["window_fusion"]["setting"] == {"stride": 16}  # 0.205 vs 0.20: a tie, 0.04 < 0.05
+    assert choice["variant_args"] == "redenoise.t0=300,window_fusion.stride=16"

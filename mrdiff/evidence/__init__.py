@@ -6,5 +6,6 @@
 - solvers: samplers against network calls on the same seeds and weights;
 - curves: the in-fit curves of several fits against training pixels;
 - noiseshift: how many images a NoiseShift calibration needs;
+- tune: each training-free method's setting, picked from tuning reports;
 - export: a run's checkpoint as shippable weights.
 """

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "solvers": "samplers against network calls on the same seeds and weights",
     "curves": "in-fit curves of several fits against training pixels",
     "noiseshift": "how many images a NoiseShift calibration needs",
+    "tune": "pick each training-free method's setting from tuning reports",
     "export": "a run's checkpoint as shippable weights (fp16 EMA, settings, command)",
 }
 
