@@ -266,7 +266,16 @@ class ResolutionEvaluation(L.Callback):
                 "num_samples": self.num_samples, "num_reference": self.num_reference,
                 **dataclasses.asdict(self.sampling), "seed": self.seed, "noiseshift": self.noiseshift,
                 "world_size": rank_and_world()[1], "data": data,
-                "train_resolution": pl_module.hparams.get("train_resolution")}
+                "train_resolution": pl_module.hparams.get("train_resolution"), "inception": self._weights_said()}
+
+    def _weights_said(self) -> str | None:
+        """Which Inception weights FID and KID used (a file, or the given extractor), None without FID."""
+        if self.fid is False:
+            return None
+        if self.feature_extractor is not None:
+            return type(self.feature_extractor).__name__
+        path = configured_weights(self.inception_weights)
+        return str(path) if path else None
 
     def _report(self, trainer: L.Trainer, pl_module: DiffusionModule, table: EvalTable, stage: str,
                 ckpt: str | None) -> None:
@@ -283,7 +292,9 @@ class ResolutionEvaluation(L.Callback):
         for ext, text in texts.items():
             with atomic_write(stem.with_suffix(f".{ext}"), "w") as f:  # a full disk leaves the last table whole
                 f.write(text)
-        info(f"mrdiff: {stage} evaluation ({self.num_samples} samples per cell) → {stem}.{{md,csv,json}}\n")
+        weights = table.settings.get("inception")
+        said = f"; FID/KID on {weights}" if weights and "fid" in table.metrics() else ""
+        info(f"mrdiff: {stage} evaluation ({self.num_samples} samples per cell{said}) → {stem}.{{md,csv,json}}\n")
         info(table.markdown())
         log_table(trainer, f"{stage}/eval_table", table.columns(), finite(table.rows()))
         plot = plot_eval_table(table, run_dir / f"eval_plot{suffix}{number}.png")
