@@ -58,13 +58,51 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-reference", type=int, default=1000)
     p.add_argument("--inception-weights", default=None, help="default: the cached `make fid-weights` file, if any")
-    p.add_argument("--out", required=True, help="a new folder for table.md and table.json")
+    p.add_argument("--out", required=True, help="a new folder for table.md, table.json and curves.png")
+    p.add_argument("--redraw", action="store_true", help="only draw curves.png again from --out's table.json")
     return p
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Each metric against network calls, one panel per metric and size, one line per model and sampler, with
+    the rows' 95% intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({row["size"] for row in rows}, key=lambda k: parse_resolution(k)[0])
+    metrics = [(m, title) for m, title, _ in METRICS if m in ("one_sun_rate", "spectrum_distance", "kid")
+               and any(m in row for row in rows)]
+    fig, axes = plt.subplots(len(sizes), len(metrics), figsize=(4.2 * len(metrics), 3.2 * len(sizes)), squeeze=False)
+    for i, size in enumerate(sizes):
+        for j, (metric, title) in enumerate(metrics):
+            ax = axes[i][j]
+            for model in dict.fromkeys(row["model"] for row in rows):
+                for family, marker in (("DDIM", "o"), ("DPM", "s")):
+                    line = sorted((r for r in rows if r["model"] == model and r["size"] == size
+                                   and r["sampler"].startswith(family)), key=lambda r: r["network_calls"])
+                    if not line:
+                        continue
+                    x = [r["network_calls"] for r in line]
+                    y = [r[metric] for r in line]
+                    err = [[r[metric] - r[f"{metric}_lo"] for r in line], [r[f"{metric}_hi"] - r[metric] for r in line]]
+                    ax.errorbar(x, y, yerr=err, marker=marker, capsize=2, label=f"{model} {family}")
+            ax.set(xscale="log", xlabel="network calls", title=f"{title} at {size}")
+            ax.title.set_fontsize(9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     out = Path(args.out)
+    if args.redraw:
+        plot(json.loads((out / "table.json").read_text())["rows"], out / "curves.png")
+        info(f"mrdiff evidence: drew {out}/curves.png from its table.json")
+        return
     if (out / "table.json").exists():
         raise SystemExit(f"mrdiff: error: {out} already holds a report (table.json): pass another --out")
     models = dict(entry.split("=", 1) for entry in args.models.split(",") if "=" in entry)
@@ -94,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / "table.md").write_text(markdown(meta, rows))
+    plot(rows, out / "curves.png")
     info(markdown(meta, rows).rstrip())
 
 
