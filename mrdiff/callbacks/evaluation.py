@@ -24,7 +24,7 @@ from mrdiff.console import info
 from mrdiff.data.synthetic import reference_radii
 from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.evaluation.cells import Variant, gather, generate, upsample
-from mrdiff.evaluation.scores import InceptionScores, score_cell
+from mrdiff.evaluation.scores import InceptionScores, SharedFeatures, score_cell
 from mrdiff.evaluation.table import EvalTable, finite, plot_eval_table
 from mrdiff.metrics.fid import (
     FID,
@@ -220,13 +220,14 @@ class ResolutionEvaluation(L.Callback):
         if self._extractor is None:
             self._extractor = (self.feature_extractor or inception(self.inception_weights)).eval()
         extractor = self._extractor.to(pl_module.device)
-        metric = FID(extractor).to(pl_module.device)
+        shared = SharedFeatures(extractor)  # FID and KID: one Inception pass per batch of fakes
+        metric = FID(shared).to(pl_module.device)
         data = trainer.datamodule
         cache = RealStatsCache(self.cache_dir)
         key = cache.key(data.describe(), *hw, self.num_reference, extractor_id(extractor))
         real_statistics(metric, lambda: reference.split(self.batch_size), cache=cache, key=key,
                         progress=self.progress, total=math.ceil(self.num_reference / self.batch_size))
-        return InceptionScores(reference, extractor, self.num_samples, fid=metric, batch_size=self.batch_size)
+        return InceptionScores(reference, shared, self.num_samples, fid=metric, batch_size=self.batch_size)
 
     # -- switches -----------------------------------------------------------------------------------
     def _fid_on(self, trainer: L.Trainer) -> bool:
