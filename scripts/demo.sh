@@ -28,8 +28,8 @@ sed -n '1,14p' results/evidence/cpu_matrix_v2_97min/table.md  # the shipped 97-m
 echo "The canvases model (models/canvases/seed0.pt), same seeds and sampler (cpu_matrix_remedy/table.md):"
 sed -n '9p' results/evidence/cpu_matrix_remedy/table.md
 echo "At matched compute (937 M training pixels), two fixed and three canvases seeds at 2R: the fixed models tile"
-echo "the landscape (stacked horizons), the canvases models do not (results/evidence/cpu_matrix_matched_seeds/):"
-sed -n '3,$p' results/evidence/cpu_matrix_matched_seeds/summary_64.md
+echo "the landscape (stacked horizons), the canvases models do not (results/evidence/matched_seeds_kid/):"
+sed -n '3,$p' results/evidence/matched_seeds_kid/summary_64.md
 rm -rf "$RUN"
 echo "== 2/4 quickstart training, 150 steps (NoiseShift is calibrated at the end of fit) =="
 $MRDIFF fit --config $CONFIG --trainer.max_steps=150 --trainer.val_check_interval=150
