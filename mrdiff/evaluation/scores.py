@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -80,8 +81,11 @@ class InceptionScores:
         device = next(extractor.parameters(), torch.empty(0)).device
         self.batch_size = batch_size
         extractor = SharedFeatures(extractor) if fid is None else extractor  # a given FID keeps its own
-        self.kid = KernelInceptionDistance(feature=extractor, subset_size=min(num_fakes, len(reference), 100),
-                                           subsets=50, normalize=False, reset_real_features=False).to(device)
+        subset = min(num_fakes, len(reference), 100)
+        # every subset would be both whole sets: the subsets' spread is zero and says nothing, so no band then
+        self.banded = not subset == num_fakes == len(reference)
+        self.kid = KernelInceptionDistance(feature=extractor, subset_size=subset, subsets=50, normalize=False,
+                                           reset_real_features=False).to(device)
         self.fid = fid if fid is not None else FID(extractor).to(device)
         rank, world = rank_and_world()
         for batch in reference[rank::world].split(batch_size):  # each real once across ranks (synced on compute)
@@ -99,8 +103,8 @@ class InceptionScores:
             self.fid.update_images(batch.to(device), real=False)
             self.kid.update(to_uint8(batch).to(device), real=False)
         kid_mean, kid_std = (float(v) for v in self.kid.compute())
-        return {"fid": float(self.fid.compute()), "kid": kid_mean, "kid_lo": kid_mean - 1.96 * kid_std,
-                "kid_hi": kid_mean + 1.96 * kid_std}
+        half = 1.96 * kid_std if self.banded else math.nan
+        return {"fid": float(self.fid.compute()), "kid": kid_mean, "kid_lo": kid_mean - half, "kid_hi": kid_mean + half}
 
 
 def score_cell(images: Tensor, reference: Tensor | None, key: str, *, radii: Sequence[float] | None = None,
