@@ -278,3 +278,22 @@ def test_tune_picks_the_best_layout_and_breaks_near_ties_by_detail(tmp_path):
     assert choice["choice"]["redenoise"]["setting"] == {"t0": 300}  # 0.8 beats 0.6 whatever its detail
     assert choice["choice"]["window_fusion"]["setting"] == {"stride": 16}  # 0.205 vs 0.20: a tie, 0.04 < 0.05
     assert choice["variant_args"] == "redenoise.t0=300,window_fusion.stride=16"
+
+
+def test_summary_of_several_reports_puts_their_rows_in_one_table(tmp_path):
+    import json
+
+    from mrdiff.evidence.summary import main
+
+    for name, rows in (("a", {"ground truth": 1.0, "canvases": 0.83}), ("b", {"ground truth": 0.5, "fixed + x": 0.9})):
+        (tmp_path / name).mkdir()
+        cells = {row: {"64": {"one_sun_rate": v}} for row, v in rows.items()}
+        (tmp_path / name / "table.json").write_text(json.dumps({"meta": {"command": f"cmd {name}",
+                                                                         "base_resolution": 32}, "cells": cells}))
+    with pytest.raises(SystemExit, match="several reports need --out"):
+        main([str(tmp_path / "a"), str(tmp_path / "b"), "--at", "64"])
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--at", "64", "--out", str(tmp_path / "both.md")])
+    lines = (tmp_path / "both.md").read_text().splitlines()
+    assert "cmd a`; `cmd b" in lines[0]
+    assert [line.split(" | ")[0] for line in lines[4:]] == ["| ground truth", "| canvases", "| fixed + x"]
+    assert lines[4].split(" | ")[2] == "1.00"  # the first report's ground truth

@@ -43,14 +43,32 @@ def summary(result: dict, at: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(results: list[dict]) -> dict:
+    """Several reports as one: their rows in order (a row already there, e.g. ground truth, is kept from the
+    first report), the first report's base resolution, and every report's command."""
+    cells: dict[str, dict] = {}
+    for result in results:
+        for row, by_size in result["cells"].items():
+            cells.setdefault(row, by_size)
+    command = "`; `".join(r["meta"]["command"] for r in results)
+    return {"meta": {**results[0]["meta"], "command": command}, "cells": cells}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mrdiff evidence summary", description=__doc__.split("\n")[0])
-    parser.add_argument("report", type=Path, help="a folder written by mrdiff evidence report")
+    parser.add_argument("reports", type=Path, nargs="+",
+                        help="folders written by mrdiff evidence report (several: their rows in one table; sample "
+                             "them on the same seeds)")
     parser.add_argument("--at", required=True, help="a size of the report, e.g. 64 or 32x64")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the summary file (default: summary_<at>.md beside the one report; needed for several)")
     args = parser.parse_args(argv)
-    result = json.loads((args.report / "table.json").read_text())
+    if len(args.reports) > 1 and args.out is None:
+        raise SystemExit("mrdiff: error: several reports need --out FILE: the summary belongs to none of them")
+    result = merged([json.loads((report / "table.json").read_text()) for report in args.reports])
     at = resolution_key(*parse_resolution(args.at))
     text = summary(result, at)
-    (args.report / f"summary_{at}.md").write_text(text)
+    out = args.out or args.reports[0] / f"summary_{at}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     info(text.rstrip())
-
