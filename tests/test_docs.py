@@ -319,7 +319,7 @@ def test_readme_is_a_front_door() -> None:
     assert len(lines) <= 250, f"README.md has {len(lines)} lines"
     first_screen = "\n".join(lines[:60])
     assert "![" in first_screen and "| one-sun rate at R" in first_screen
-    headline = (ROOT / "results/evidence/matched_seeds_kid/summary_64.md").read_text()
+    headline = (ROOT / "results/baselines/summary_64.md").read_text()
     table = [line for line in headline.splitlines() if line.startswith("|")]
     assert "\n".join(table) in "\n".join(lines), "the headline table is not summary_64.md's, verbatim"
 
