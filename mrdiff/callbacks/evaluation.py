@@ -17,13 +17,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from mrdiff.baselines import upsample
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure, log_table
 from mrdiff.checkpoint import run_dir_of
 from mrdiff.console import info
 from mrdiff.data.synthetic import reference_radii
 from mrdiff.diffusion.samplers import SamplingSettings
-from mrdiff.evaluation.cells import Variant, gather, generate, upsample
+from mrdiff.evaluation.cells import Variant, gather, generate
 from mrdiff.evaluation.scores import InceptionScores, SharedFeatures, score_cell
 from mrdiff.evaluation.table import EvalTable, finite, plot_eval_table
 from mrdiff.metrics.fid import (
@@ -202,13 +203,13 @@ class ResolutionEvaluation(L.Callback):
         for variant in table.variants:
             bar.set_postfix_str(f"{variant.label} {key}", refresh=False)
             if variant.kind == "upsample":
-                local = upsample(base, *hw) if base is not None else None
+                if base is None or hw[0] * hw[1] <= pipeline.train_resolution**2:
+                    continue  # the upsample row exists above the training size only
+                local = upsample(base, *hw)
             else:
                 local = generate(pipeline, range(self.seed, self.seed + self.num_samples), *hw,
                                  sampling=self.sampling, time_cond=conds[(variant, hw)], batch_size=self.batch_size,
                                  context=context, progress=bar)
-            if local is None or (variant.kind == "upsample" and hw[0] * hw[1] <= pipeline.train_resolution**2):
-                continue  # the upsample row exists above the training size only
             table.cells[(variant.label, key)] = score_cell(gather(local), reference, key, radii=radii,
                                                            inception=scores, local=local)
 

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mrdiff.baselines import method
-from mrdiff.baselines import upsample as upsample  # the upsample row's resize, Redenoise's first step
 from mrdiff.data.synthetic import render_canvas, sample_scene
 from mrdiff.diffusion.samplers import Progress, SamplingSettings, TimeCond
 from mrdiff.metrics.fid import rank_and_world

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mrdiff.baselines import upsample
 from mrdiff.console import info
 from mrdiff.data.synthetic import reference_radii
 from mrdiff.diffusion.samplers import SamplingSettings
@@ -25,7 +26,6 @@ from mrdiff.evaluation.cells import (
     held_out_noiseshift,
     references,
     training_free,
-    upsample,
 )
 from mrdiff.evaluation.report import SAMPLER_NAMES, T_BUCKETS
 from mrdiff.evaluation.scores import InceptionScores, paired_differences, score_cell
