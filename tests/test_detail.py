@@ -278,6 +278,8 @@ def test_tune_picks_the_best_layout_and_breaks_near_ties_by_detail(tmp_path):
     assert choice["choice"]["redenoise"]["setting"] == {"t0": 300}  # 0.8 beats 0.6 whatever its detail
     assert choice["choice"]["window_fusion"]["setting"] == {"stride": 16}  # 0.205 vs 0.20: a tie, 0.04 < 0.05
     assert choice["variant_args"] == "redenoise.t0=300,window_fusion.stride=16"
+    with pytest.raises(SystemExit, match="already holds a choice"):  # never overwritten
+        main([a, b, "--at", "64", "--out", str(tmp_path / "out")])
 
 
 def test_summary_of_several_reports_puts_their_rows_in_one_table(tmp_path):

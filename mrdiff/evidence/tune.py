@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--at", required=True, help="the size the methods are tuned at, e.g. 64")
     p.add_argument("--out", type=Path, required=True, help="where choice.md and choice.json go")
     args = p.parse_args(argv)
+    if (args.out / "choice.json").exists():
+        raise SystemExit(f"mrdiff: error: {args.out} already holds a choice (choice.json): pass another --out; "
+                         f"choices are never overwritten")
     at = resolution_key(*parse_resolution(args.at))
     found = candidates(args.reports, at)
     if not found:
