@@ -54,6 +54,7 @@ class Settings:
     extractor: torch.nn.Module | None = None  # Inception (FID and KID per cell), when weights are available
     sampler_check: int = 0  # samples per sampler in the DDIM / DDPM / DPM-Solver++ comparison at R; 0: none
     upsample: tuple[str, ...] = ("fixed",)  # models whose samples at R, upsampled, make "<model> + upsample" rows
+    training_free: tuple[str, ...] | None = None  # models that get the training-free variants; None: every model
 
     @property
     def seeds(self) -> range:
@@ -163,7 +164,7 @@ class Matrix:
             for variant in s.variants:
                 if variant != "plain" and s.shifted_at is not None and hw not in s.shifted_at:
                     continue
-                if variant in TRAINING_FREE and hw[0] * hw[1] <= side**2:
+                if variant in TRAINING_FREE and (hw[0] * hw[1] <= side**2 or name not in (s.training_free or [name])):
                     continue
                 start = time.time()
                 cond = self.variant_cond(name, pipeline, variant, hw)

@@ -100,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--upsample", default=None, metavar="MODEL,...",
                    help="models (fixed-resolution ones) whose samples at R, bicubic-upsampled, are the trivial "
                         "baseline row '<model> + upsample' above R (default: fixed, when it is evaluated)")
+    p.add_argument("--training-free", default=None, metavar="MODEL,...",
+                   help="models that get the training-free rows of --variants (default: every model); e.g. only the "
+                        "fixed-resolution ones, next to a multi-resolution model's plain row")
     p.add_argument("--sampler-check", type=int, default=0, metavar="N",
                    help="also sample N seeds at R with DDIM-50, DDPM-1000 and DPM-Solver++-10 (a sampler check)")
     p.add_argument("--inception-weights", default=None,
@@ -113,6 +116,15 @@ def parser() -> argparse.ArgumentParser:
 def comma_list(text: str) -> list[str]:
     """'a, b,,c' → ['a', 'b', 'c']."""
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def model_subset(option: str, text: str, models: list[str]) -> tuple[str, ...]:
+    """The models an option names, each among --models (else one error line)."""
+    subset = tuple(comma_list(text))
+    if set(subset) - set(models):
+        raise SystemExit(f"mrdiff: error: {option} {text} names models outside --models: "
+                         f"pick them from {', '.join(models)}")
+    return subset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,10 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     if set(variant_args) - set(variants):
         raise SystemExit(f"mrdiff: error: --variant-args sets {sorted(set(variant_args) - set(variants))}, "
                          f"not among --variants {args.variants}")
-    upsample = ("fixed",) if args.upsample is None else tuple(comma_list(args.upsample))
-    if args.upsample is not None and set(upsample) - set(names) - set(extra):
-        raise SystemExit(f"mrdiff: error: --upsample {args.upsample} names models outside --models: "
-                         f"pick them from {', '.join(names + list(extra))}")
+    upsample = ("fixed",) if args.upsample is None else model_subset("--upsample", args.upsample, names + list(extra))
+    free = None if args.training_free is None else model_subset("--training-free", args.training_free,
+                                                                  names + list(extra))
     resolutions = [parse_resolution(r) for r in args.resolutions.split(",")]
     shifted_at = None if args.shifted_at is None else [parse_resolution(r) for r in args.shifted_at.split(",")]
     if shifted_at is not None and set(shifted_at) - set(resolutions):
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                         batch_size=args.batch_size, calibration_images=args.calibration_images,
                         num_reference=args.num_reference,
                         variants=variants, variant_args=variant_args, shifted_at=shifted_at,
-                        sampler_check=args.sampler_check, upsample=upsample,
+                        sampler_check=args.sampler_check, upsample=upsample, training_free=free,
                         extractor=inception(args.inception_weights).to(device)
                         if configured_weights(args.inception_weights) and not args.no_inception else None)
     result = evaluate(weights, settings, device)
@@ -188,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         "resolutions": settings.resolutions, "num_samples": settings.num_samples,
         "first_seed": settings.first_seed, **asdict(settings.sampling),
         "sampler_check": settings.sampler_check, "variants": settings.variants,
-        "variant_args": settings.variant_args, "shifted_at": settings.shifted_at,
+        "variant_args": settings.variant_args, "training_free": settings.training_free,
+        "shifted_at": settings.shifted_at,
         "base_resolution": first["module"]["train_resolution"], "models": {n: str(p) for n, p in weights.items()},
     }
     write_report(result, Path(args.out))
