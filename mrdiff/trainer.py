@@ -12,6 +12,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torchvision.utils import save_image
 
+from mrdiff.baselines import METHODS, parse_method_args
 from mrdiff.callbacks.checkpoint import RunCheckpoint
 from mrdiff.callbacks.progress import RunProgressBar
 from mrdiff.callbacks.sample_grid import SampleGrid
@@ -77,6 +78,9 @@ class MrdiffTrainer(Trainer):
         noiseshift: str | None = None,
         noiseshift_fallback: Fallback = "error",
         shift: Literal["none", "analytic"] = "none",
+        attention_scaling: bool | None = None,
+        method: Literal["redilation", "window_fusion", "redenoise"] | None = None,
+        method_args: str = "",
         out_dir: str | None = None,
     ) -> list[Path]:
         """Write a PNG grid of `num_samples` samples per resolution; returns their paths.
@@ -97,13 +101,23 @@ class MrdiffTrainer(Trainer):
             noiseshift_fallback: What a size missing from the table gets: an error, the nearest calibrated
                 size's table, or t itself (identity).
             shift: The analytic resolution shift instead (SD3-style log-SNR shift), or none.
+            attention_scaling: Overrides sampling.attention_scaling: entropy-scaled attention (Jin et al. 2023).
+            method: A training-free way of sampling a fixed-size model above its training size
+                (mrdiff.baselines, docs/baselines.md): redilation, window_fusion or redenoise.
+            method_args: Its parameters other than the defaults, METHOD.FIELD=VALUE,... (e.g. redenoise.t0=300).
             out_dir: Where the grids go (default: <run dir>/samples); earlier grids are never replaced.
         """
         if num_samples < 1:
             raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
         grid = self.configured(SampleGrid)
         resolutions = resolutions or (grid.resolutions if grid else [64])
-        sampling = overridden(grid.sampling if grid else SamplingSettings(), sampler=sampler, steps=steps, eta=eta)
+        sampling = overridden(grid.sampling if grid else SamplingSettings(), sampler=sampler, steps=steps, eta=eta,
+                              attention_scaling=attention_scaling)
+        args = parse_method_args(method_args)
+        if set(args) - {method}:
+            raise ValueError(f"--method_args {method_args!r} sets {sorted(set(args) - {method})}, not --method "
+                             f"{method}: pass --method with one of {', '.join(METHODS)}")
+        chosen = METHODS[method](**args.get(method, {})) if method else None
         sizes = checked_resolutions(model.net, resolutions)
         model = self._load_for_inference(model, ckpt_path, "sample")
         conds = time_conditionings(model.pipeline, sizes, noiseshift=noiseshift, shift=shift, ckpt_path=ckpt_path,
@@ -116,8 +130,9 @@ class MrdiffTrainer(Trainer):
             time_cond = conds[(height, width)]
             with self.precision_plugin.forward_context():
                 images = model.pipeline.sample(seeds, height, width, sampling=sampling, time_cond=time_cond,
-                                               progress=True)
+                                               progress=True, method=chosen)
             suffix = "" if time_cond is None else ("_noiseshift" if noiseshift else f"_{shift}")
+            suffix += f"_{method}" if method else ("_scaled_attention" if sampling.attention_scaling else "")
             wanted = out / f"samples_{resolution_key(height, width)}{suffix}.png"
             path = unused_path(wanted)
             with atomic_write(path) as f:

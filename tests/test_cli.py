@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -103,6 +104,25 @@ def test_a_callback_option_from_before_the_settings_groups_gets_one_line_naming_
         main(["fit", "--config", str(tmp_path / "old.yaml")])
     err = capsys.readouterr().err
     assert "Option 'num_images' is not accepted" in err and "inside `search:`" not in err
+
+
+def test_sample_takes_the_training_free_methods(tiny_config_file, tmp_path, capsys):
+    """--method window_fusion with one window over the whole canvas is plain sampling, pixel for pixel; the grid
+    is named after the method; --method_args for another method is refused before any sampling."""
+    config = tiny_config_file(**{"trainer.max_steps": 2})
+    main(["fit", "--config", str(config)])
+    ckpt, out = tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "samples"
+    base = ["sample", "--config", str(config), f"--ckpt_path={ckpt}", "--resolutions=[24]", "--num_samples=4",
+            "--steps=3", f"--out_dir={out}"]
+    main(base)
+    main([*base, "--method=window_fusion", "--method_args=window_fusion.window=24"])
+    main([*base, "--method=redilation"])
+    with Image.open(out / "samples_24.png") as plain, Image.open(out / "samples_24_window_fusion.png") as fused:
+        assert np.array_equal(np.asarray(plain), np.asarray(fused))
+    with Image.open(out / "samples_24.png") as plain, Image.open(out / "samples_24_redilation.png") as dilated:
+        assert not np.array_equal(np.asarray(plain), np.asarray(dilated))  # 24 / 16 rounds to a dilation of 2
+    with pytest.raises(ValueError, match="sets \\['redenoise'\\], not --method redilation"):
+        main([*base, "--method=redilation", "--method_args=redenoise.t0=300"])
 
 
 def test_sample_without_checkpoint_says_what_is_missing(tiny_config_file):

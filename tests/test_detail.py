@@ -86,6 +86,7 @@ def test_evidence_never_overwrites_an_earlier_report(tmp_path):
     (["--models", "fixed=nowhere.pt"], "needs its own non-empty label outside fixed"),
     (["--models", "a=x.pt,a=y.pt"], "needs its own non-empty label"),
     (["--models", "multires", "--upsample", "fixed"], "--upsample fixed names models outside --models"),
+    (["--variants", "plain,redenoise", "--training-free", "fixd"], "--training-free fixd names models outside"),
 ])
 def test_evidence_rejects_rows_it_cannot_sample_before_any_work(tmp_path, args, message):
     from mrdiff.evidence.report import main
@@ -129,13 +130,16 @@ def test_evidence_report_end_to_end_with_tiny_exported_models(tmp_path):
     main(["--models", f"fixed,multires,tuned={tuned},baseline={baseline}", "--upsample", "fixed,baseline",
           "--weights", str(tmp_path), "--out", str(out),
           "--resolutions", "16,32", "--num-samples", "4", "--batch-size", "4", "--sampler", "dpmpp_2m",
-          "--steps", "2", "--variants", "plain,analytic", "--shifted-at", "32", "--num-reference", "8",
+          "--steps", "2", "--variants", "plain,analytic,redenoise", "--training-free", "fixed,baseline",
+          "--variant-args", "redenoise.t0=0", "--shifted-at", "32", "--num-reference", "8",
           "--sampler-check", "2", "--device", "cpu", "--eta", "1"])
     report = json.loads((out / "table.json").read_text())
     cells = report["cells"]
     assert set(cells) == {"ground truth", "fixed", "fixed + analytic", "multires", "multires + analytic",
                           "fixed + upsample", "tuned", "tuned + analytic", "baseline", "baseline + analytic",
-                          "baseline + upsample"}
+                          "baseline + upsample", "fixed + redenoise", "baseline + redenoise"}  # not multires, tuned
+    for metric in ("one_sun_rate", "spectrum_distance"):  # re-denoising from t₀ = 0: the upsampled samples at R
+        assert cells["fixed + redenoise"]["32"][metric] == pytest.approx(cells["fixed + upsample"]["32"][metric])
     assert cells["baseline + upsample"]["32"]["spectrum_distance"] == pytest.approx(
         cells["fixed + upsample"]["32"]["spectrum_distance"])  # same weights, same seeds, same upsampled row
     for key in ("16", "32"):  # a LABEL=PATH row: the same weights on the same seeds give the same cell

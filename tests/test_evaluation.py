@@ -150,6 +150,45 @@ def test_mrdiff_test_and_the_evidence_report_score_the_same_cell_the_same(traine
                 assert by_row[row][metric + suffix] == pytest.approx(evidence[metric + suffix]), (row, metric)
 
 
+def test_mrdiff_test_has_the_training_free_rows_above_r_scored_as_the_evidence_report_scores_them(trained, tmp_path):
+    """`training_free` adds a row per method above the training size only; re-denoising from t₀ = 0 is the
+    upsample row, image for image; re-dilation's cell equals the evidence matrix's for the same seeds."""
+    from mrdiff.evaluation.matrix import Matrix, Settings
+
+    _, ckpt = trained
+    ckpt = copy_checkpoint(ckpt, tmp_path / "run")
+    config = write_config(tmp_path / "test.yaml", tmp_path / "other",
+                          evaluation(resolutions=[16, 32], upsample=True, training_free=["redilation", "redenoise"],
+                                     training_free_args="redilation.share=1.0,redenoise.t0=0"))
+    main(["test", "--config", str(config), f"--ckpt_path={ckpt}"])
+    table = json.loads((tmp_path / "run" / "eval_table.json").read_text())
+    cells = {row["variant"]: row["cells"] for row in table["rows"]}
+    assert list(cells) == ["mrdiff", "mrdiff + upsample", "mrdiff + redilation", "mrdiff + redenoise"]
+    assert table["settings"]["training_free_args"] == {"redilation": {"share": 1.0}, "redenoise": {"t0": 0}}
+    for row in ("mrdiff + upsample", "mrdiff + redilation", "mrdiff + redenoise"):
+        assert cells[row]["16"].get("one_sun_rate") is None and cells[row]["32"]["one_sun_rate"] is not None
+    for metric in ("one_sun_rate", "mean_num_suns", "spectrum_distance", "neighbour_difference"):
+        assert cells["mrdiff + redenoise"]["32"][metric] == cells["mrdiff + upsample"]["32"][metric], metric
+    model, data = load_model(config, ckpt)
+    matrix = Matrix(Settings(resolutions=[(32, 32)], num_samples=4, sampling=SamplingSettings(steps=3),
+                             batch_size=4, num_reference=8, variants=("redilation",),
+                             variant_args={"redilation": {"share": 1.0}}))
+    matrix.radii = reference_radii(1000, data.hparams.seed)
+    matrix.model("mrdiff", model.pipeline, {"global_step": 4})
+    evidence = matrix.cells["mrdiff + redilation"]["32"]
+    for metric in ("one_sun_rate", "mean_num_suns", "stacked_horizon_rate"):
+        for suffix in ("", "_lo", "_hi"):
+            assert cells["mrdiff + redilation"]["32"][metric + suffix] == pytest.approx(evidence[metric + suffix])
+
+
+def test_training_free_args_for_a_method_not_asked_for_fail_in_one_line(trained, tmp_path, capsys):
+    config = write_config(tmp_path / "test.yaml", tmp_path / "run",
+                          evaluation(training_free=["redilation"], training_free_args="redenoise.t0=300"))
+    with pytest.raises((SystemExit, ValueError), match="not among training_free|redenoise") as raised:
+        main(["test", "--config", str(config), f"--ckpt_path={trained[1]}"])
+    assert raised.type is ValueError or raised.value.code != 0
+
+
 def calibrated_run(ckpt: Path, run_dir: Path, resolutions: str) -> tuple[Path, Path]:
     """The checkpoint copied into run_dir and a CPU-sized `mrdiff calibrate` of it: (ckpt, table path)."""
     ckpt = copy_checkpoint(ckpt, run_dir)

@@ -1,6 +1,7 @@
 """FID and structure per resolution: the callback behind `mrdiff test`, reporting the paper's Table 1.
 
-Rows are the model and its variants (+ NoiseShift, + analytic shift), columns the resolutions. Fake i is
+Rows are the model and its variants (+ NoiseShift, + analytic shift, + upsample, the training-free methods of
+mrdiff.baselines), columns the resolutions. Fake i is
 sampled from seed + i at every resolution and in every row, and each DDP rank samples seeds[rank::world],
 so the numbers do not depend on the number of GPUs.
 """
@@ -11,20 +12,21 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mrdiff.baselines import upsample
+from mrdiff.baselines import parse_method_args, upsample
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure, log_table
 from mrdiff.checkpoint import run_dir_of
 from mrdiff.console import info
 from mrdiff.data.synthetic import reference_radii
 from mrdiff.diffusion.samplers import SamplingSettings
-from mrdiff.evaluation.cells import Variant, gather, generate
+from mrdiff.evaluation.cells import TRAINING_FREE, Variant, gather, generate, training_free
 from mrdiff.evaluation.scores import InceptionScores, SharedFeatures, score_cell
 from mrdiff.evaluation.table import EvalTable, finite, plot_eval_table
 from mrdiff.metrics.fid import (
@@ -68,6 +70,10 @@ class ResolutionEvaluation(L.Callback):
         analytic_shift: Add a "+ analytic shift" row (SD3-style log-SNR shift).
         upsample: Add a "+ upsample" row above the training size: the plain samples at the training size,
             bicubic-upsampled (the trivial baseline a multi-resolution model must beat).
+        training_free: Add a row per training-free method above the training size (mrdiff.baselines and
+            docs/baselines.md): scaled_attention, redilation, window_fusion, redenoise.
+        training_free_args: Their parameters other than the defaults, METHOD.FIELD=VALUE,... (e.g.
+            "redilation.share=0.8,window_fusion.stride=8,redenoise.t0=300", the settings tuned at 2R).
         fid: FID on or off; None: on when Inception weights are configured.
         structure: The sun-structure score; None: on when data.source is synthetic.
         inception_weights: The Inception weights file (default: $MRDIFF_INCEPTION_WEIGHTS).
@@ -89,6 +95,8 @@ class ResolutionEvaluation(L.Callback):
         noiseshift: str | None = None,
         analytic_shift: bool = False,
         upsample: bool = False,
+        training_free: list[Literal["scaled_attention", "redilation", "window_fusion", "redenoise"]] = [],  # noqa: B006
+        training_free_args: str = "",
         fid: bool | None = None,
         structure: bool | None = None,
         inception_weights: str | None = None,
@@ -105,6 +113,10 @@ class ResolutionEvaluation(L.Callback):
         self.num_samples, self.num_reference = num_samples, num_reference or num_samples
         self.sampling, self.seed = sampling or SamplingSettings(), seed
         self.noiseshift, self.analytic_shift, self.upsample = noiseshift, analytic_shift, upsample
+        self.training_free, self.training_free_args = list(training_free), parse_method_args(training_free_args)
+        if set(self.training_free_args) - set(self.training_free):
+            raise ValueError(f"training_free_args sets {sorted(set(self.training_free_args) - set(self.training_free))}"
+                             f", not among training_free {self.training_free}: add them there or drop their args")
         self.fid, self.structure, self.inception_weights = fid, structure, inception_weights
         self.feature_extractor, self.cache_dir, self.batch_size = feature_extractor, cache_dir, batch_size
         self.every_n_epochs, self.name, self.progress = every_n_epochs, name, progress
@@ -156,7 +168,7 @@ class ResolutionEvaluation(L.Callback):
             rows.append(Variant(f"{self.name} + analytic shift", "analytic", "analytic"))
         if self.upsample:
             rows.append(Variant(f"{self.name} + upsample", "upsample", "upsample"))
-        return rows
+        return rows + [Variant.of(self.name, kind) for kind in self.training_free]
 
     def evaluate(self, trainer: L.Trainer, pl_module: DiffusionModule, stage: str) -> EvalTable:
         """Sample and score every (variant, resolution); report the table. Collective under DDP."""
@@ -172,9 +184,11 @@ class ResolutionEvaluation(L.Callback):
         pl_module.eval()
         rank, world = rank_and_world()
         batches = math.ceil(len(range(rank, self.num_samples, world)) / self.batch_size)
-        sampled = [v for v in table.variants if v.kind != "upsample"] + [v for v in table.variants[:1] if self.upsample]
+        side = pipeline.train_resolution
+        cells = sum(v.kind not in ("upsample", *TRAINING_FREE) or (v.kind != "upsample" and h * w > side**2)
+                    for v in table.variants for h, w in self.resolutions) + bool(self.upsample)
         calls = len(self.sampling.timesteps(pipeline.schedule))
-        bar = tqdm(total=len(sampled) * len(self.resolutions) * batches * calls, unit="call", smoothing=0.1,
+        bar = tqdm(total=cells * batches * calls, unit="call", smoothing=0.1,
                    desc=f"{stage} evaluation ({self.sampling}, network calls)", dynamic_ncols=True,
                    disable=not self.progress or rank != 0)
         context = trainer.precision_plugin.forward_context
@@ -182,7 +196,6 @@ class ResolutionEvaluation(L.Callback):
         try:
             base = None  # the plain samples at the training size: the upsample row's source
             if self.upsample:
-                side = pipeline.train_resolution
                 base = generate(pipeline, seeds, side, side, sampling=self.sampling, batch_size=self.batch_size,
                                 context=context, progress=bar)
             for height, width in self.resolutions:
@@ -200,16 +213,20 @@ class ResolutionEvaluation(L.Callback):
         reference = torch.cat(list(trainer.datamodule.reference_images(*hw, self.num_reference, self.batch_size)))
         scores = self._inception_scores(trainer, pl_module, hw, reference)
         radii = self._reference_radii(trainer) if self._structure_on(trainer) else None
+        above = hw[0] * hw[1] > pipeline.train_resolution**2
         for variant in table.variants:
             bar.set_postfix_str(f"{variant.label} {key}", refresh=False)
+            if variant.kind in ("upsample", *TRAINING_FREE) and not above:
+                continue  # the baselines above the training size only
             if variant.kind == "upsample":
-                if base is None or hw[0] * hw[1] <= pipeline.train_resolution**2:
-                    continue  # the upsample row exists above the training size only
+                if base is None:
+                    continue
                 local = upsample(base, *hw)
             else:
+                sampling, method = training_free(variant.kind, self.sampling, self.training_free_args.get(variant.kind))
                 local = generate(pipeline, range(self.seed, self.seed + self.num_samples), *hw,
-                                 sampling=self.sampling, time_cond=conds[(variant, hw)], batch_size=self.batch_size,
-                                 context=context, progress=bar)
+                                 sampling=sampling, time_cond=conds[(variant, hw)], batch_size=self.batch_size,
+                                 context=context, progress=bar, method=method)
             table.cells[(variant.label, key)] = score_cell(gather(local), reference, key, radii=radii,
                                                            inception=scores, local=local)
 
@@ -267,6 +284,7 @@ class ResolutionEvaluation(L.Callback):
         return {"stage": stage, "checkpoint": ckpt, "global_step": step, "name": self.name,
                 "num_samples": self.num_samples, "num_reference": self.num_reference,
                 **dataclasses.asdict(self.sampling), "seed": self.seed, "noiseshift": self.noiseshift,
+                "training_free": self.training_free, "training_free_args": self.training_free_args,
                 "world_size": rank_and_world()[1], "data": data,
                 "train_resolution": pl_module.hparams.get("train_resolution"), "inception": self._weights_said()}
 

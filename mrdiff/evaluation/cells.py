@@ -100,8 +100,10 @@ def generate(
 
 def training_free(kind: str, sampling: SamplingSettings,
                   args: dict[str, object] | None = None) -> tuple[SamplingSettings, SamplingMethod | None]:
-    """How a training-free row samples: the settings with scaled attention on, or a method of mrdiff.baselines
-    with its defaults, some overridden by `args` (field → value)."""
+    """How a row of `kind` samples: for a training-free one the settings with scaled attention on, or a method of
+    mrdiff.baselines with its defaults, some overridden by `args` (field → value); any other, as `sampling` says."""
+    if kind not in TRAINING_FREE:
+        return sampling, None
     if kind == "scaled_attention":
         return replace(sampling, attention_scaling=True), None
     return sampling, method(kind, **(args or {}))

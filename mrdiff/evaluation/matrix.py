@@ -168,8 +168,7 @@ class Matrix:
                     continue
                 start = time.time()
                 cond = self.variant_cond(name, pipeline, variant, hw)
-                sampling, method = (training_free(variant, s.sampling, s.variant_args.get(variant))
-                                    if variant in TRAINING_FREE else (s.sampling, None))
+                sampling, method = training_free(variant, s.sampling, s.variant_args.get(variant))
                 samples = generate(pipeline, s.seeds, *hw, sampling=sampling, time_cond=cond,
                                    batch_size=s.batch_size, method=method)
                 if variant == "plain" and hw == (side, side):
