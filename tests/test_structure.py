@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,3 +184,29 @@ def test_stacked_horizons_are_sky_bands_below_a_ridge_and_never_in_the_data():
     mixed = torch.cat([tiled[:15], truth[15:]])
     assert structure_score(mixed, reference_radii=radii, resolution="64").stacked_horizon_rate == 15 / 40
     assert structure_score(truth, reference_radii=radii, resolution="64").stacked_horizon_rate == 0.0
+
+
+def _one_sun_scan(radii: np.ndarray):
+    from mrdiff.metrics.structure import ImageScan, Sun
+
+    suns = [[Sun(center=(0.0, -0.5), radius=float(r), area=10, fill=1.0, aspect=1.0)] for r in radii]
+    return ImageScan(suns, np.ones(len(radii), dtype=bool), np.zeros(len(radii), dtype=bool))
+
+
+def test_radius_error_carries_a_bootstrap_interval_of_the_normal_width():
+    """Suns of one radius give a point interval at |r − ref| / ref; radii of s.d. σ around a mean 20% above the
+    reference give an interval about the point value whose width is the normal one, 2·1.96·σ/(√n·ref)."""
+    from mrdiff.evaluation.scores import structure_metrics
+
+    reference = [0.1] * 50 + [0.3] * 50  # mean 0.2
+    same = structure_metrics(_one_sun_scan(np.full(40, 0.25)), reference, "64")
+    assert same["radius_error"] == pytest.approx(0.25) and same["radius_error_lo"] == pytest.approx(0.25)
+    assert same["radius_error_hi"] == pytest.approx(0.25)
+    rng = np.random.default_rng(3)
+    n, sigma = 400, 0.05
+    radii = 0.24 + sigma * rng.standard_normal(n)
+    cell = structure_metrics(_one_sun_scan(radii), reference, "64")
+    assert cell["radius_error"] == pytest.approx(abs(radii.mean() - 0.2) / 0.2)
+    assert cell["radius_error_lo"] < cell["radius_error"] < cell["radius_error_hi"]
+    width = 2 * 1.96 * radii.std() / np.sqrt(n) / 0.2
+    assert cell["radius_error_hi"] - cell["radius_error_lo"] == pytest.approx(width, rel=0.15)

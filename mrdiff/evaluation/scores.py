@@ -1,7 +1,7 @@
 """Scoring a cell: structure, detail, FID and KID, each with its 95% interval where it is a statistic.
 
 - structure (synthetic scenes, which have one sun): the one-sun and stacked-horizon rates with Wilson
-  intervals, suns per image with a bootstrap interval, and the sun radius error;
+  intervals, suns per image and the sun radius error with bootstrap intervals;
 - detail (any data): power-spectrum distance, neighbour difference and sky colour against reference images
   of the same size (mrdiff.metrics.detail), with bootstrap intervals;
 - Inception: FID (with its N: never compare FIDs across N) and KID, whose mean over subsets carries a
@@ -38,14 +38,29 @@ def rate(flags: Sequence[bool], name: str) -> dict[str, float]:
     return {name: hits / n if n else float("nan"), f"{name}_lo": lo, f"{name}_hi": hi}
 
 
+def radius_error_interval(found: ImageScan, radii: Sequence[float]) -> tuple[float, float]:
+    """Bootstrap 95% interval of the radius error |mean sun radius − mean reference radius| / mean reference
+    radius, resampling images (each with all its suns); the reference mean (of 1000 scenes) is held fixed."""
+    ref = float(np.mean(np.asarray(radii, dtype=np.float64)))
+    per_image = np.array([[sum(sun.radius for sun in suns), len(suns)] for suns in found.suns], dtype=np.float64)
+
+    def error(sample: np.ndarray) -> float:
+        total, count = sample.sum(0)
+        return abs(total / count - ref) / ref if count else math.nan
+
+    return bootstrap_interval(per_image, error) if per_image[:, 1].sum() else (math.nan, math.nan)
+
+
 def structure_metrics(found: ImageScan, radii: Sequence[float], key: str) -> dict[str, float]:
-    """One-sun and stacked-horizon rates (Wilson), suns per image (bootstrap) and the radius error."""
+    """One-sun and stacked-horizon rates (Wilson), suns per image and the radius error (bootstrap)."""
     counts = found.counts.astype(float)
     score = structure_score(found, reference_radii=radii, resolution=key)
     n_lo, n_hi = bootstrap_interval(counts)
+    r_lo, r_hi = radius_error_interval(found, radii)
     return {**rate(counts == 1, "one_sun_rate"),
             "mean_num_suns": float(counts.mean()), "mean_num_suns_lo": n_lo, "mean_num_suns_hi": n_hi,
-            **rate(found.stacked, "stacked_horizon_rate"), "radius_error": score.radius_error}
+            **rate(found.stacked, "stacked_horizon_rate"),
+            "radius_error": score.radius_error, "radius_error_lo": r_lo, "radius_error_hi": r_hi}
 
 
 class SharedFeatures(torch.nn.Module):

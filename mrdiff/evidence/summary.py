@@ -4,15 +4,21 @@
 
 Reads REPORT/table.json (written by `mrdiff evidence report`), prints the table and writes it to
 REPORT/summary_<at>.md. Every number is the report's own, with its 95% interval where the report has one.
+
+With --verdict MODEL,... (the trained multi-resolution models) a second table follows: per metric, the best of
+those models against the best training-free row ("<model> + <method>", upsampling included), and who wins; a
+metric is won where the two 95% intervals are disjoint (a cell without an interval decides nothing).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from mrdiff.console import info
+from mrdiff.evaluation.cells import TRAINING_FREE
 from mrdiff.evaluation.report import format_cell
 from mrdiff.resolution import parse_resolution, resolution_key
 
@@ -43,6 +49,78 @@ def summary(result: dict, at: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+VERDICT_METRICS = (  # (metric, heading, format, higher is better)
+    ("one_sun_rate", "one-sun rate", "{:.2f}", True),
+    ("stacked_horizon_rate", "stacked horizons", "{:.2f}", False),
+    ("spectrum_distance", "spectrum distance", "{:.3f}", False),
+    ("radius_error", "sun radius error", "{:.3f}", False),
+    ("kid", "KID", "{:.4f}", False),
+)
+
+
+def best(rows: dict[str, dict], metric: str, higher: bool) -> tuple[str, dict] | None:
+    """The row with the best value of `metric` (ties: the narrower interval), None when no row measured it."""
+    measured = [(row, cell) for row, cell in rows.items() if cell and math.isfinite(cell.get(metric, math.nan))]
+    if not measured:
+        return None
+
+    def key(item: tuple[str, dict]) -> tuple[float, float]:
+        cell = item[1]
+        width = cell.get(f"{metric}_hi", math.nan) - cell.get(f"{metric}_lo", math.nan)
+        return (-cell[metric] if higher else cell[metric], width if math.isfinite(width) else 0.0)
+
+    return min(measured, key=key)
+
+
+def winner(a: dict, b: dict, metric: str, higher: bool) -> str:
+    """'a' or 'b' where the two 95% intervals are disjoint, 'tie' where they overlap, 'untested' where either
+    cell has none (a report from before the metric had one)."""
+    lo_a, hi_a = a.get(f"{metric}_lo", math.nan), a.get(f"{metric}_hi", math.nan)
+    lo_b, hi_b = b.get(f"{metric}_lo", math.nan), b.get(f"{metric}_hi", math.nan)
+    if not all(math.isfinite(x) for x in (lo_a, hi_a, lo_b, hi_b)):
+        return "untested"
+    if lo_a > hi_b or hi_a < lo_b:
+        return "a" if (lo_a > hi_b) == higher else "b"
+    return "tie"
+
+
+def is_training_free(row: str) -> bool:
+    """'<model> + <method>' rows of a training-free method or of upsampling."""
+    return row.rpartition(" + ")[2] in (*TRAINING_FREE, "upsample")
+
+
+def verdict(result: dict, at: str, trained: list[str]) -> str:
+    """Markdown: per metric at `at`, the best of the `trained` rows against the best training-free row, who wins,
+    and the verdict over all metrics (dominates, is dominated, trade-off)."""
+    cells = {row: by_size.get(at) for row, by_size in result["cells"].items()}
+    free = {row: cell for row, cell in cells.items() if is_training_free(row)}
+    ours = {row: cells.get(row) for row in trained}
+    lines = [f"**Verdict at {at}**: the best of {', '.join(trained)} against the best training-free row, per "
+             "metric; won where the 95% intervals are disjoint.", "",
+             "| metric | best trained | best training-free | wins |", "|---|---|---|---|"]
+    wins = {"trained": 0, "training-free": 0}
+    for metric, heading, pattern, higher in VERDICT_METRICS:
+        a, b = best(ours, metric, higher), best(free, metric, higher)
+        if a is None or b is None:
+            continue
+        side = winner(a[1], b[1], metric, higher)
+        said = {"a": "trained", "b": "training-free", "tie": "neither (intervals overlap)",
+                "untested": "untested (no interval)"}[side]
+        wins[said] = wins.get(said, 0) + 1
+        lines.append(f"| {heading} | {a[0]} {format_cell(a[1], metric, pattern)} | "
+                     f"{b[0]} {format_cell(b[1], metric, pattern)} | {said} |")
+    if wins["trained"] and wins["training-free"]:
+        said = (f"a trade-off: of {len(VERDICT_METRICS)} metrics the trained models win {wins['trained']}, the "
+                f"training-free rows {wins['training-free']}")
+    elif wins["trained"]:
+        said = "the trained models dominate: no training-free row wins a metric"
+    elif wins["training-free"]:
+        said = "the trained models are dominated: they win no metric"
+    else:
+        said = "no difference is resolved"
+    return "\n".join([*lines, "", f"Verdict: {said}."]) + "\n"
+
+
 def merged(results: list[dict]) -> dict:
     """Several reports as one: their rows in order (a row already there, e.g. ground truth, is kept from the
     first report), the first report's base resolution, and every report's command."""
@@ -60,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="folders written by mrdiff evidence report (several: their rows in one table; sample "
                              "them on the same seeds)")
     parser.add_argument("--at", required=True, help="a size of the report, e.g. 64 or 32x64")
+    parser.add_argument("--verdict", default=None, metavar="MODEL,...",
+                        help="the trained multi-resolution models: add the table of the best of them against the "
+                             "best training-free row per metric, and the verdict")
     parser.add_argument("--out", type=Path, default=None,
                         help="the summary file (default: summary_<at>.md beside the one report; needed for several)")
     args = parser.parse_args(argv)
@@ -68,6 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     result = merged([json.loads((report / "table.json").read_text()) for report in args.reports])
     at = resolution_key(*parse_resolution(args.at))
     text = summary(result, at)
+    if args.verdict:
+        trained = [m.strip() for m in args.verdict.split(",") if m.strip()]
+        if set(trained) - set(result["cells"]):
+            raise SystemExit(f"mrdiff: error: --verdict names {sorted(set(trained) - set(result['cells']))}, rows "
+                             f"no report has: pick them from {', '.join(result['cells'])}")
+        text += "\n" + verdict(result, at, trained)
     out = args.out or args.reports[0] / f"summary_{at}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
