@@ -343,3 +343,19 @@ def test_summary_verdict_compares_the_best_trained_and_training_free_rows_by_the
     assert text.splitlines()[-1] == "Verdict: the trained models dominate: no training-free row wins a metric."
     with pytest.raises(SystemExit, match="--verdict names \\['mr_c'\\]"):
         main([str(tmp_path), "--at", "64", "--verdict", "mr_c", "--out", str(tmp_path / "x.md")])
+
+
+def test_a_later_report_of_the_same_samples_adds_the_metrics_the_first_lacks(tmp_path):
+    """merged(): the first report's cell stands; a later one of the same row adds its missing metrics (here the
+    radius error's interval) only when the numbers both have agree, i.e. when they scored the same samples."""
+    from mrdiff.evidence.summary import merged
+
+    first = {"one_sun_rate": 0.83, "spectrum_distance": 0.043, "radius_error": 0.056, "kid": 0.0558}
+    same = {"one_sun_rate": 0.83, "spectrum_distance": 0.043, "radius_error": 0.056, "radius_error_lo": 0.04,
+            "radius_error_hi": 0.07, "kid": 0.9}
+    other = {**same, "one_sun_rate": 0.80}
+    meta = {"command": "c", "base_resolution": 32}
+    out = merged([{"meta": meta, "cells": {"m": {"64": first}}}, {"meta": meta, "cells": {"m": {"64": same}}}])
+    assert out["cells"]["m"]["64"] == {**first, "radius_error_lo": 0.04, "radius_error_hi": 0.07}  # kid kept
+    out = merged([{"meta": meta, "cells": {"m": {"64": first}}}, {"meta": meta, "cells": {"m": {"64": other}}}])
+    assert out["cells"]["m"]["64"] == first

@@ -121,13 +121,26 @@ def verdict(result: dict, at: str, trained: list[str]) -> str:
     return "\n".join([*lines, "", f"Verdict: {said}."]) + "\n"
 
 
+SAME_SAMPLES = ("one_sun_rate", "mean_num_suns", "stacked_horizon_rate", "spectrum_distance", "radius_error")
+
+
 def merged(results: list[dict]) -> dict:
-    """Several reports as one: their rows in order (a row already there, e.g. ground truth, is kept from the
-    first report), the first report's base resolution, and every report's command."""
+    """Several reports as one: their rows in order, the first report's base resolution, every report's command.
+
+    A row already there (e.g. ground truth) keeps the first report's cells; a later report's cell of that row
+    and size adds only the metrics the first lacks (such as an interval a later mrdiff computes), and only if
+    the numbers both have agree exactly, which they do for the same samples (same weights, seeds and sampler);
+    otherwise the first report's cell stands alone."""
     cells: dict[str, dict] = {}
     for result in results:
         for row, by_size in result["cells"].items():
-            cells.setdefault(row, by_size)
+            if row not in cells:
+                cells[row] = {size: dict(cell) for size, cell in by_size.items()}
+                continue
+            for size, cell in by_size.items():
+                first = cells[row].get(size)
+                if first is not None and all(first.get(m) == cell.get(m) for m in SAME_SAMPLES if m in first):
+                    cells[row][size] = {**cell, **first}
     command = "`; `".join(r["meta"]["command"] for r in results)
     return {"meta": {**results[0]["meta"], "command": command}, "cells": cells}
 
