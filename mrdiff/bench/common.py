@@ -70,16 +70,17 @@ def measure(rows: list[Row], repeats: int, device: torch.device, budget: float |
             start: float | None = None) -> dict:
     """Round-robin timing: one warm-up call each, then up to `repeats` rounds over all rows.
 
-    With a time `budget` (seconds since `start`), a row whose warm-up would begin past it is dropped (rows come
-    eager first, so these are compiled ones), and no round begins that the last one says would end past it;
+    With a time `budget` (seconds since `start`), a row is dropped whose warm-up, if it took as long as the
+    longest so far (a compilation, once one has run), would end past it; rows come eager first, so the dropped
+    ones are compiled ones. No round begins that would end past the budget if it took as long as the last one;
     at least one round is timed. Returns what was dropped and how many rounds ran.
     """
     start = time.perf_counter() if start is None else start
     elapsed = lambda: time.perf_counter() - start  # noqa: E731
-    dropped = []
+    dropped, longest = [], 0.0
     for row in list(rows):
-        if budget is not None and elapsed() > budget:
-            info(f"mrdiff.bench: time budget spent: dropping {row.name!r}")
+        if budget is not None and elapsed() + longest > budget:
+            info(f"mrdiff.bench: {elapsed():.0f} s of a {budget:.0f} s budget spent: dropping {row.name!r}")
             rows.remove(row)
             dropped.append(row.name)
             continue
@@ -88,6 +89,8 @@ def measure(rows: list[Row], repeats: int, device: torch.device, budget: float |
         (row.warmup or row.step)()
         sync(device)
         row.warmup_seconds = time.perf_counter() - began
+        longest = max(longest, row.warmup_seconds)
+        info(f"mrdiff.bench: warmed up {row.name!r} in {row.warmup_seconds:.1f} s ({elapsed():.0f} s in)")
     rounds = 0
     for _ in range(repeats):
         began = time.perf_counter()
