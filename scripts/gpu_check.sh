@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-T_SETUP=${T_SETUP:-20} T_TESTS=${T_TESTS:-150} T_TRAIN=${T_TRAIN:-200} T_SAMPLE=${T_SAMPLE:-170}  # 540 s in all
+T_SETUP=${T_SETUP:-30} T_TESTS=${T_TESTS:-140} T_TRAIN=${T_TRAIN:-200} T_SAMPLE=${T_SAMPLE:-170}  # 540 s in all
 MARGIN=35  # a bench's time budget is its stage's timeout less this: imports, the report, the last round's overrun
 TRAIN_ARGS=${TRAIN_ARGS:-"--preset celeba --rows multires,fixed,diffusers --precision bf16 --compile --repeats 10"}
 SAMPLE_ARGS=${SAMPLE_ARGS:-"--preset celeba --rows sampling --samplers ddim-50,dpmpp_2m-10 --sample-resolutions 64 \
@@ -34,7 +34,7 @@ stage() {  # stage NAME SECONDS LOG COMMAND...: the command under timeout, its o
   echo "== $name (timeout ${limit} s): $*" >"$log"
   timeout -k 10 "$limit" "$@" >>"$log" 2>&1
   rc=$?
-  echo "$name rc=$rc seconds=$((SECONDS - began))$([ "$rc" -eq 124 ] && echo ' (timed out)')" | tee -a "$STAGES"
+  echo "$name rc=$rc seconds=$((SECONDS - began))$([ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo ' (timed out)')" | tee -a "$STAGES"
 }
 
 setup() {
@@ -64,7 +64,7 @@ export PYTHONPATH=/tmp/mrdiff-site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export -f setup
 export PY
 stage setup "$T_SETUP" env.txt bash -c setup
-pytest_args=(-q -p no:cacheprovider -rfEs --durations=15)
+pytest_args=(-v -p no:cacheprovider -rfEs --durations=15)
 "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=100)
 stage tests "$T_TESTS" tests.log "$PY" -m pytest "${pytest_args[@]}" tests/test_gpu.py
 # shellcheck disable=SC2086  # the argument strings split into words on purpose
@@ -76,7 +76,7 @@ stage sampling "$T_SAMPLE" sampling.log "$PY" -m mrdiff.bench $SAMPLE_ARGS --tim
 
 # What the caller sees of the output: each stage's result, then the reports (the files in $OUT hold the rest).
 echo
-tail -n 6 "$OUT/env.txt"
+cat "$OUT/env.txt"
 tail -n 25 "$OUT/tests.log"
 for log in train sampling; do
   echo "-- $log"

@@ -98,7 +98,10 @@ def test_bench_trains_with_the_shared_loss(monkeypatch):
 def test_sampling_rows_eager_and_captured_share_one_graph_per_batch_and_project_10k(one_thread, tiny):
     """--capture rows (here through aot_eager: Inductor is the GPU tier's) follow the eager ones; a row's FLOPs are
     one forward per image per network call; the summary keeps each sampler's best batch and its 10,000-sample time."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     samplers = [bench.parse_sampler("ddim-3"), bench.parse_sampler("dpmpp_2m-2")]
     rows = bench.sampling_rows(TINY, torch.device("cpu"), samplers, [16], [1, 2], capture=True, backend="aot_eager")
     assert [r.name for r in rows][:2] == ["sample DDIM-3 at 16² bf16, batch 1",
@@ -109,7 +112,6 @@ def test_sampling_rows_eager_and_captured_share_one_graph_per_batch_and_project_
     assert rows[1].flops == per_call * 2 and rows[2].flops == per_call * 2 * 3  # DPM: 2 calls; batch 2
     timing = bench.measure(rows, 1, torch.device("cpu"))
     assert timing == {"dropped_rows": [], "rounds": 1}
-    from torch._dynamo.utils import counters
     assert counters["stats"]["unique_graphs"] == 2  # batch 1 and batch 2, each shared by both samplers
     for r in rows:
         r.seconds = [r.images / (10.0 if r.meta["captured"] else 5.0) * (1 if r.images == 2 else 2)]
