@@ -13,6 +13,8 @@
 # (jsonargparse for mrdiff's CLI, diffusers for the reference rows) travels as wheels: run
 # `bash scripts/gpu_wheels.sh` here first and carry .whl. Elsewhere, a venv from `make install` does: set
 # PYTHON=.venv/bin/python. Outputs (7 files) go to $OUT, which the device runner sets; default ./gpu_out.
+# A rerun of some stages only: ONLY=train,sampling bash scripts/gpu_check.sh (setup always runs); the timeouts
+# (T_TESTS, T_TRAIN, T_SAMPLE) and the bench arguments (TRAIN_ARGS, SAMPLE_ARGS) can be set the same way.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}
@@ -25,12 +27,17 @@ SAMPLE_ARGS=${SAMPLE_ARGS:-"--preset celeba --rows sampling --samplers ddim-50,d
 --sample-batches 128,256 --capture --repeats 3"}
 # A persistent compile cache in the repo (git-ignored): a second run on the same warm machine compiles from it.
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.gpu_cache/inductor}
+ONLY=,${ONLY:-tests,train,sampling},
 STAGES=$OUT/stages.txt
 : >"$STAGES"
 
 stage() {  # stage NAME SECONDS LOG COMMAND...: the command under timeout, its output in $OUT/LOG, its rc in stages.txt
   local name=$1 limit=$2 log=$OUT/$3 began=$SECONDS rc
   shift 3
+  if [ "$name" != setup ] && [[ $ONLY != *",$name,"* ]]; then
+    echo "$name skipped (ONLY=${ONLY:1:-1})" | tee -a "$STAGES" "$log"
+    return
+  fi
   echo "== $name (timeout ${limit} s): $*" >"$log"
   timeout -k 10 "$limit" "$@" >>"$log" 2>&1
   rc=$?
