@@ -10,9 +10,10 @@ grid of the whole canvas and its scale), wraps the network as ε(x, t) for the s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,8 @@ from mrdiff.console import info
 from mrdiff.diffusion.samplers import EpsFn, PerSampleNoise, Progress, SamplingSettings, TimeCond
 from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.grids import CoordMode, canvas_grid
+
+CompileMode = Literal["none", "default", "reduce-overhead"]  # reduce-overhead: Inductor with CUDA graphs
 
 
 class SamplingMethod(Protocol):
@@ -43,6 +46,11 @@ class DiffusionPipeline:
             shift's reference, and the side scaled attention is calibrated at.
         train_scales: [min, max] canvas side seen in training; sampling beyond it says so once per size.
         channels_last: Feed the network channels_last inputs (as it was trained).
+        compile: How `sample` runs the per-step network call over a whole canvas: eager ("none"), or
+            compiled once per canvas size and batch with static shapes ("default"; "reduce-overhead" also
+            replays it as a CUDA graph). See `captured_eps`.
+        compile_backend: torch.compile's backend; the mode is passed to Inductor only (tests on a CPU use
+            "aot_eager", whose samples equal the eager ones bit for bit).
     """
 
     def __init__(
@@ -54,12 +62,16 @@ class DiffusionPipeline:
         train_resolution: int = 64,
         train_scales: Sequence[int] | None = None,
         channels_last: bool = False,
+        compile: CompileMode = "none",
+        compile_backend: str | Callable = "inductor",
     ) -> None:
         self.net, self.schedule = net, schedule
         self.coord_mode, self.train_resolution = coord_mode, train_resolution
         self.train_scales = list(train_scales) if train_scales else None
         self.channels_last = channels_last
+        self.compile, self.compile_backend = compile, compile_backend
         self._warned: set[tuple[int, int]] = set()  # sizes already warned about
+        self._captured: dict[tuple, tuple[object, Callable]] = {}  # canvas → static conditioning, compiled call
 
     @property
     def device(self) -> torch.device:
@@ -91,6 +103,45 @@ class DiffusionPipeline:
         def eps(x: Tensor, t: Tensor) -> Tensor:
             # .forward: the eager network even when model.compile compiled its __call__ for training
             return self.net.forward(self.layout(x), t.to(x.device, torch.float32), prepared=prepared).float()
+
+        return eps
+
+    def captured_eps(self, grid: Tensor | None, scale: Tensor | None) -> EpsFn:
+        """eps_fn compiled with static shapes: one graph per canvas size and batch, reused by every later call.
+
+        The conditioning is prepared as in eps_fn, then copied into tensors kept per canvas and marked as
+        static addresses, so the compiled graph (and its CUDA graph, under "reduce-overhead") reads it in
+        place; the weights are read in place too, so it follows in-place updates of both. x and t are the
+        graph's only inputs: t is the [B] tensor the samplers build, so a new timestep replays the graph
+        rather than recording another. Each output is cloned, since a CUDA graph's next replay overwrites it.
+        One canvas is live at a time: a second call at the same size rewrites the conditioning the first
+        returned function reads, which is why only `sample`'s whole-canvas path uses this.
+        """
+        prepared = self.net.prepare(grid, scale)
+        key = (self.compile, self.compile_backend, self.channels_last,
+               *((tuple(t.shape), t.dtype, t.device) for t in _tensors(prepared)))
+        if key in self._captured:
+            static, step = self._captured[key]
+            for old, new in zip(_tensors(static), _tensors(prepared)):
+                old.copy_(new)
+        else:
+            static = prepared
+            for t in _tensors(static):
+                torch._dynamo.mark_static_address(t)
+
+            def forward(x: Tensor, t: Tensor) -> Tensor:
+                return self.net.forward(self.layout(x), t, prepared=static).float()
+
+            kwargs = {"mode": self.compile} if self.compile_backend == "inductor" else {}
+            step = torch.compile(forward, backend=self.compile_backend, fullgraph=True, dynamic=False, **kwargs)
+            self._captured[key] = static, step
+        graphs = self.compile == "reduce-overhead"
+
+        def eps(x: Tensor, t: Tensor) -> Tensor:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = step(x, t.to(x.device, torch.float32))
+            return out.clone() if graphs else out
 
         return eps
 
@@ -133,7 +184,8 @@ class DiffusionPipeline:
         noise = PerSampleNoise(seeds, self.device)
         x_T = noise.randn((self.in_channels, height, width))
         with self.scaled_attention(sampling.attention_scaling):
-            x0 = sampling.run(self.eps_fn(grid, scale), self.schedule, x_T, noise=noise, time_cond=time_cond,
+            eps = self.eps_fn(grid, scale) if self.compile == "none" else self.captured_eps(grid, scale)
+            x0 = sampling.run(eps, self.schedule, x_T, noise=noise, time_cond=time_cond,
                               clip_denoised=clip_denoised, progress=progress)
         return x0.clamp(-1, 1)
 
@@ -142,3 +194,18 @@ class DiffusionPipeline:
         if not enabled or not hasattr(self.net, "scaled_attention"):
             return contextlib.nullcontext()
         return self.net.scaled_attention(self.train_resolution)
+
+
+def _tensors(prepared: object) -> Iterator[Tensor]:
+    """The tensors of a network's prepared conditioning (mrdiff.nn.unet.Prepared, or None), in a fixed order."""
+    if isinstance(prepared, Tensor):
+        yield prepared
+    elif dataclasses.is_dataclass(prepared):
+        for field in dataclasses.fields(prepared):
+            yield from _tensors(getattr(prepared, field.name))
+    elif isinstance(prepared, dict):
+        for value in prepared.values():
+            yield from _tensors(value)
+    elif isinstance(prepared, list | tuple):
+        for value in prepared:
+            yield from _tensors(value)

@@ -2,11 +2,13 @@
 
 import json
 import sys
+import time
 
 import pytest
 import torch
 
 from mrdiff import bench
+from mrdiff.bench import common, training
 
 TINY = {"base_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1, "attention_levels": (1,),
         "head_channels": 16, "patch": 16, "batch": 4, "resolutions": (16, 24), "sample_batch": 1,
@@ -14,11 +16,17 @@ TINY = {"base_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1, "atten
                         "safa_levels": (1,), "coord_frequencies": 2, "images": 2}}
 
 
-@pytest.mark.slow
-def test_bench_runs_and_reports_flops_and_ratios(tmp_path, monkeypatch, one_thread):
-    pytest.importorskip("diffusers")
+@pytest.fixture
+def tiny(monkeypatch):
+    """The TINY preset as --preset tiny, with SAFA on the levels it has."""
     monkeypatch.setitem(bench.PRESETS, "tiny", TINY)
-    monkeypatch.setattr(bench, "MULTIRES", bench.MULTIRES | {"safa_levels": (1,)})
+    monkeypatch.setattr(common, "MULTIRES", bench.MULTIRES | {"safa_levels": (1,)})
+    return TINY
+
+
+@pytest.mark.slow
+def test_bench_runs_and_reports_flops_and_ratios(tmp_path, monkeypatch, one_thread, tiny):
+    pytest.importorskip("diffusers")
     out = tmp_path / "bench.json"
     monkeypatch.setattr(sys, "argv", ["bench", "--preset", "tiny", "--repeats", "1", "--out", str(out),
                                       "--peak-tflops", "1.0"])
@@ -31,7 +39,7 @@ def test_bench_runs_and_reports_flops_and_ratios(tmp_path, monkeypatch, one_thre
     assert fixed["flops"] == pytest.approx(ref["flops"], rel=0.1)
     assert rows["train multi-res, per-sample scales fp32"]["flops"] > fixed["flops"]
     assert rows["train fixed U-Net bf16 channels_last"]["flops"] == rows["train fixed U-Net bf16"]["flops"]
-    for name in ("train fixed U-Net fp32", "sample DDIM-50 at 24² bf16"):
+    for name in ("train fixed U-Net fp32", "sample DDIM-50 at 24² bf16, batch 1"):
         assert rows[name]["images_per_s"] > 0 and rows[name]["tflops_per_s"] > 0
     assert rows["train fixed U-Net bf16"]["mfu"] > 0 and rows["train fixed U-Net fp32"]["mfu"] is None
     assert result["ratios"]["fixed / diffusers (fp32)"] > 0
@@ -80,8 +88,61 @@ def test_bench_trains_with_the_shared_loss(monkeypatch):
         def forward(self, x, t, grid, scale):
             return self.conv(x)
 
-    monkeypatch.setattr(bench, "simple_loss", loss)
+    monkeypatch.setattr(training, "simple_loss", loss)
     net = Net()
     before = net.conv.weight.clone()
     bench.train_step(net, {"image": torch.randn(2, 3, 4, 4)}, bf16=False, device=torch.device("cpu"))()
     assert seen == [1000] and not torch.equal(before, net.conv.weight)
+
+
+def test_sampling_rows_eager_and_captured_share_one_graph_per_batch_and_project_10k(one_thread, tiny):
+    """--capture rows (here through aot_eager: Inductor is the GPU tier's) follow the eager ones; a row's FLOPs are
+    one forward per image per network call; the summary keeps each sampler's best batch and its 10,000-sample time."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    samplers = [bench.parse_sampler("ddim-3"), bench.parse_sampler("dpmpp_2m-2")]
+    rows = bench.sampling_rows(TINY, torch.device("cpu"), samplers, [16], [1, 2], capture=True, backend="aot_eager")
+    assert [r.name for r in rows][:2] == ["sample DDIM-3 at 16² bf16, batch 1",
+                                          "sample DPM-Solver++(2M)-2 at 16² bf16, batch 1"]
+    assert [r.meta["captured"] for r in rows] == [False] * 4 + [True] * 4
+    assert all(r.name.endswith(", captured") == r.meta["captured"] for r in rows)
+    per_call = rows[0].flops / 3
+    assert rows[1].flops == per_call * 2 and rows[2].flops == per_call * 2 * 3  # DPM: 2 calls; batch 2
+    timing = bench.measure(rows, 1, torch.device("cpu"))
+    assert timing == {"dropped_rows": [], "rounds": 1}
+    assert counters["stats"]["unique_graphs"] == 2  # batch 1 and batch 2, each shared by both samplers
+    for r in rows:
+        r.seconds = [r.images / (10.0 if r.meta["captured"] else 5.0) * (1 if r.images == 2 else 2)]
+    summary = bench.sampling_summary(rows)["DDIM-3 at 16²"]
+    assert summary["best eager"]["batch"] == 2 and summary["best eager"]["seconds_per_10000"] == pytest.approx(2000)
+    assert summary["best captured"]["images_per_s"] == pytest.approx(10.0)
+    assert summary["captured / eager by batch"] == {1: pytest.approx(2.0), 2: pytest.approx(2.0)}
+    torch._dynamo.reset()
+
+
+def test_a_time_budget_drops_the_rows_it_cannot_warm_up_and_stops_the_rounds():
+    calls = []
+    slow = bench.Row("slow", lambda: (calls.append("slow"), time.sleep(0.05)), 1, [])
+    late = bench.Row("late", lambda: calls.append("late"), 1, [])
+    rows = [slow, late]
+    timing = bench.measure(rows, 5, torch.device("cpu"), budget=0.03)
+    assert timing == {"dropped_rows": ["late"], "rounds": 1} and rows == [slow]
+    assert calls == ["slow", "slow"] and slow.warmup_seconds >= 0.05 and len(slow.seconds) == 1
+
+
+def test_rows_selection_and_sampler_names_are_checked(tmp_path, one_thread, tiny):
+    with pytest.raises(SystemExit):
+        bench.main(["--rows", "fixed,bogus"])
+    with pytest.raises(ValueError, match="NAME-STEPS"):
+        bench.parse_sampler("ddim")
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--rows", "fixed,sampling", "--precision", "bf16", "--samplers", "ddim-2",
+                "--sample-batches", "1,2", "--sample-resolutions", "16", "--repeats", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert sorted(result["rows"]) == ["sample DDIM-2 at 16² bf16, batch 1", "sample DDIM-2 at 16² bf16, batch 2",
+                                      "train fixed U-Net bf16"]
+    assert result["rows"]["sample DDIM-2 at 16² bf16, batch 2"]["seconds_per_10000"] > 0
+    assert set(result["sampling"]) == {"DDIM-2 at 16²"} and "calibration_seconds" not in result
+    assert result["meta"]["rounds"] == 1 and result["meta"]["command"].startswith("python -m mrdiff.bench --preset")

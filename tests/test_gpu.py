@@ -1,8 +1,8 @@
 """GPU tier: what behaves differently on CUDA. Skipped on machines without a GPU (CI has none).
 
 Each test pins one CUDA-specific path: bf16 autocast through the CLI, the fused AdamW kernel skipping a
-non-finite step via `found_inf`, Inductor on CUDA, device transfers in sampling / calibration / evaluation,
-and checkpoints that move between devices.
+non-finite step via `found_inf`, Inductor on CUDA, sampling through CUDA graphs (compile="reduce-overhead"),
+device transfers in sampling / calibration / evaluation, and checkpoints that move between devices.
 """
 
 import json
@@ -13,10 +13,12 @@ import torch
 
 from mrdiff.cli import main
 from mrdiff.diffusion.samplers import SamplingSettings
+from mrdiff.diffusion.schedule import NoiseSchedule
 from mrdiff.grids import crop_grid
 from mrdiff.module import DiffusionModule
 from mrdiff.nn.unet import UNet
 from mrdiff.nonfinite import NonFiniteGuard
+from mrdiff.pipeline import DiffusionPipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -96,6 +98,38 @@ def test_compiled_training_equals_eager_within_bf16_tolerance():
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)
     cosine = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
     assert cosine > 0.99, f"gradient directions differ: cosine {float(cosine):.4f}"
+
+
+def test_sampling_through_cuda_graphs_equals_eager_for_the_same_seeds():
+    """compile="reduce-overhead": one Inductor graph per canvas, batch and precision, replayed as a CUDA graph at
+    every step. Tolerances: fp32 with TF32 off, max |Δ| ≤ 5e-4 (only Inductor's fused arithmetic differs); bf16
+    autocast, relative L2 error ≤ 5e-2 (fused kernels skip some of eager's bf16 roundings). A stale timestep or
+    conditioning would be O(1) off."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    net, schedule = small_unet().to(CUDA).eval(), NoiseSchedule(num_timesteps=100)
+    eager = DiffusionPipeline(net, schedule, train_resolution=16)
+    graphs = DiffusionPipeline(net, schedule, train_resolution=16, compile="reduce-overhead")
+    seeds, tf32 = [0, 1, 2, 3], (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        for sampling in (SamplingSettings("ddim", 10), SamplingSettings("dpmpp_2m", 6)):
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            a, b = eager.sample(seeds, 32, 16, sampling=sampling), graphs.sample(seeds, 32, 16, sampling=sampling)
+            assert (a - b).abs().max() <= 5e-4, f"{sampling} fp32: {float((a - b).abs().max()):.2e}"
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                a, b = eager.sample(seeds, 32, 16, sampling=sampling), graphs.sample(seeds, 32, 16, sampling=sampling)
+                again = graphs.sample(seeds, 32, 16, sampling=sampling)
+            error = float((a - b).norm() / a.norm())
+            assert error <= 5e-2, f"{sampling} bf16: relative L2 error {error:.2e}"
+            assert torch.allclose(again, b, rtol=0, atol=1e-5)  # a replay gives what the recording gave
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # fp32 and bf16, both samplers
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    torch._dynamo.reset()
 
 
 def test_sampling_and_calibration_on_cuda_match_the_cpu():
