@@ -307,8 +307,9 @@ def test_summary_of_several_reports_puts_their_rows_in_one_table(tmp_path):
 
 def test_summary_verdict_compares_the_best_trained_and_training_free_rows_by_their_intervals(tmp_path):
     """--verdict: per metric the best trained row (of those named) against the best training-free row (methods
-    and upsampling, not the plain fixed model); disjoint intervals win, overlapping ones tie, a missing interval
-    decides nothing; the verdict follows from the wins."""
+    and upsampling, not the plain fixed model); then each training-free row against the best trained row of each
+    metric: disjoint intervals win, overlapping ones tie, a missing interval decides nothing; the verdict names a
+    row that dominates the trained models, says when they dominate every row, and otherwise calls a trade-off."""
     import json
 
     from mrdiff.evidence.summary import main
@@ -323,24 +324,32 @@ def test_summary_verdict_compares_the_best_trained_and_training_free_rows_by_the
              "mr_b": cell(0.70, 0.66, 0.74, 0.04, 0.035, 0.045, 0.07),
              "fixed + redenoise": cell(1.00, 0.99, 1.00, 0.20, 0.18, 0.22, 0.16),
              "fixed + upsample": cell(0.82, 0.78, 0.86, 0.09, 0.08, 0.10, 0.05)}
-    (tmp_path / "table.json").write_text(json.dumps({"meta": {"command": "cmd", "base_resolution": 32},
-                                                     "cells": {row: {"64": c} for row, c in cells.items()}}))
-    main([str(tmp_path), "--at", "64", "--verdict", "mr_a,mr_b"])
-    lines = (tmp_path / "summary_64.md").read_text().splitlines()
+
+    def lines_of(name: str) -> list[str]:
+        (tmp_path / "table.json").write_text(json.dumps({"meta": {"command": "cmd", "base_resolution": 32},
+                                                         "cells": {row: {"64": c} for row, c in cells.items()}}))
+        main([str(tmp_path), "--at", "64", "--verdict", "mr_a,mr_b", "--out", str(tmp_path / name)])
+        return (tmp_path / name).read_text().splitlines()
+
+    lines = lines_of("a.md")
     rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ") and " | " in line}
     assert rows["one-sun rate"] == ("| one-sun rate | mr_a 0.80 [0.76, 0.84] | fixed + redenoise 1.00 [0.99, 1.00] "
                                     "| training-free |")
     assert rows["KID"] == "| KID | mr_b 0.0400 [0.0350, 0.0450] | fixed + upsample 0.0900 [0.0800, 0.1000] | trained |"
     assert rows["sun radius error"].endswith("| fixed + upsample 0.050 | untested (no interval) |")
-    assert lines[-1] == "Verdict: a trade-off: of 5 metrics the trained models win 1, the training-free rows 1."
+    assert rows["fixed + redenoise"] == "| fixed + redenoise | better | ? | worse | trade-off |"
+    assert rows["fixed + upsample"] == "| fixed + upsample | = | ? | worse | dominated |"
+    assert "| fixed |" not in "\n".join(lines[lines.index(rows["KID"]):])  # the plain fixed model is no baseline
+    assert lines[-1] == ("Verdict: a trade-off: no training-free row dominates the trained models; 1 dominated, "
+                         "1 trade off.")
     cells["fixed + redenoise"] = cell(0.78, 0.74, 0.82, 0.20, 0.18, 0.22, 0.16)  # now within mr_a's interval
     cells["fixed + upsample"] = cell(0.75, 0.70, 0.80, 0.09, 0.08, 0.10, 0.05)
-    (tmp_path / "table.json").write_text(json.dumps({"meta": {"command": "cmd", "base_resolution": 32},
-                                                     "cells": {row: {"64": c} for row, c in cells.items()}}))
-    main([str(tmp_path), "--at", "64", "--verdict", "mr_a,mr_b", "--out", str(tmp_path / "again.md")])
-    text = (tmp_path / "again.md").read_text()
-    assert "| neither (intervals overlap) |" in text
-    assert text.splitlines()[-1] == "Verdict: the trained models dominate: no training-free row wins a metric."
+    lines = lines_of("b.md")
+    assert ("| one-sun rate | mr_a 0.80 [0.76, 0.84] | fixed + redenoise 0.78 [0.74, 0.82] | neither (intervals "
+            "overlap) |") in lines
+    assert lines[-1] == "Verdict: the trained models dominate every training-free row."
+    cells["fixed + redilation"] = cell(0.95, 0.93, 0.97, 0.042, 0.037, 0.047, 0.2)  # better, and KID overlaps mr_b
+    assert lines_of("c.md")[-1] == "Verdict: the trained models are dominated by fixed + redilation."
     with pytest.raises(SystemExit, match="--verdict names \\['mr_c'\\]"):
         main([str(tmp_path), "--at", "64", "--verdict", "mr_c", "--out", str(tmp_path / "x.md")])
 

@@ -89,35 +89,49 @@ def is_training_free(row: str) -> bool:
     return row.rpartition(" + ")[2] in (*TRAINING_FREE, "upsample")
 
 
+OUTCOME = {"a": "trained", "b": "training-free", "tie": "neither (intervals overlap)",
+           "untested": "untested (no interval)"}
+MARK = {"a": "worse", "b": "better", "tie": "=", "untested": "?"}  # a training-free row against the trained ones
+
+
 def verdict(result: dict, at: str, trained: list[str]) -> str:
-    """Markdown: per metric at `at`, the best of the `trained` rows against the best training-free row, who wins,
-    and the verdict over all metrics (dominates, is dominated, trade-off)."""
+    """Markdown at `at`: per metric the best of the `trained` rows against the best training-free row; then each
+    training-free row against the best trained row of each metric, whether it dominates them, is dominated or
+    trades off; and the verdict: the trained models dominated by a row, dominating every row, or a trade-off."""
     cells = {row: by_size.get(at) for row, by_size in result["cells"].items()}
-    free = {row: cell for row, cell in cells.items() if is_training_free(row)}
+    free = {row: cell for row, cell in cells.items() if is_training_free(row) and cell}
     ours = {row: cells.get(row) for row in trained}
+    measured = [(metric, heading, pattern, higher, top) for metric, heading, pattern, higher in VERDICT_METRICS
+                if (top := best(ours, metric, higher)) is not None]
     lines = [f"**Verdict at {at}**: the best of {', '.join(trained)} against the best training-free row, per "
              "metric; won where the 95% intervals are disjoint.", "",
              "| metric | best trained | best training-free | wins |", "|---|---|---|---|"]
-    wins = {"trained": 0, "training-free": 0}
-    for metric, heading, pattern, higher in VERDICT_METRICS:
-        a, b = best(ours, metric, higher), best(free, metric, higher)
-        if a is None or b is None:
-            continue
-        side = winner(a[1], b[1], metric, higher)
-        said = {"a": "trained", "b": "training-free", "tie": "neither (intervals overlap)",
-                "untested": "untested (no interval)"}[side]
-        wins[said] = wins.get(said, 0) + 1
-        lines.append(f"| {heading} | {a[0]} {format_cell(a[1], metric, pattern)} | "
-                     f"{b[0]} {format_cell(b[1], metric, pattern)} | {said} |")
-    if wins["trained"] and wins["training-free"]:
-        said = (f"a trade-off: of {len(VERDICT_METRICS)} metrics the trained models win {wins['trained']}, the "
-                f"training-free rows {wins['training-free']}")
-    elif wins["trained"]:
-        said = "the trained models dominate: no training-free row wins a metric"
-    elif wins["training-free"]:
-        said = "the trained models are dominated: they win no metric"
+    for metric, heading, pattern, higher, top in measured:
+        if (other := best(free, metric, higher)) is not None:
+            lines.append(f"| {heading} | {top[0]} {format_cell(top[1], metric, pattern)} | "
+                         f"{other[0]} {format_cell(other[1], metric, pattern)} | "
+                         f"{OUTCOME[winner(top[1], other[1], metric, higher)]} |")
+    lines += ["", "Each training-free row against the best trained row of each metric (better or worse: disjoint "
+              "intervals; =: they overlap; ?: no interval):", "",
+              "| training-free row | " + " | ".join(m[1] for m in measured) + " | against the trained models |",
+              "|---|" + "---|" * (len(measured) + 1)]
+    states: dict[str, str] = {}
+    for row, cell in free.items():
+        marks = [MARK[winner(top[1], cell, metric, higher)] if math.isfinite(cell.get(metric, math.nan)) else "–"
+                 for metric, _, _, higher, top in measured]
+        better, worse = "better" in marks, "worse" in marks
+        states[row] = ("dominates them" if better and not worse else "dominated" if worse and not better
+                       else "trade-off" if better else "no difference resolved")
+        lines.append(f"| {row} | " + " | ".join(marks) + f" | {states[row]} |")
+    above = [row for row, state in states.items() if state == "dominates them"]
+    if above:
+        said = f"the trained models are dominated by {', '.join(above)}"
+    elif states and all(state == "dominated" for state in states.values()):
+        said = "the trained models dominate every training-free row"
     else:
-        said = "no difference is resolved"
+        counts = {state: sum(s == state for s in states.values()) for state in sorted(set(states.values()))}
+        said = "a trade-off: no training-free row dominates the trained models; " + ", ".join(
+            f"{n} {'trade off' if state == 'trade-off' else state}" for state, n in counts.items())
     return "\n".join([*lines, "", f"Verdict: {said}."]) + "\n"
 
 
