@@ -313,6 +313,23 @@ def test_every_entry_point_answers_help() -> None:
         assert "usage" in str(CHECKER.help_cache[command]).lower(), command
 
 
+TABLE_BLOCK = re.compile(r"<!-- table: (?P<path>\S+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
+
+
+def test_every_pasted_table_is_its_files_verbatim() -> None:
+    """A `<!-- table: PATH -->` … `<!-- /table -->` block in the docs holds PATH's table lines, unchanged: a table
+    is pasted from the file its command wrote, never typed or left behind when the file is rewritten."""
+    blocks = [(doc, m) for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+              for m in TABLE_BLOCK.finditer(doc.read_text())]
+    assert blocks, "no pasted tables found: the marker changed?"
+    for doc, match in blocks:
+        source = ROOT / match["path"]
+        assert source.is_file(), f"{doc.name}: {match['path']} does not exist"
+        table = [line for line in source.read_text().splitlines() if line.startswith("|")]
+        pasted = [line for line in match["body"].splitlines() if line.startswith("|")]
+        assert pasted == table, f"{doc.name}: the table pasted from {match['path']} differs from the file"
+
+
 def test_readme_is_a_front_door() -> None:
     """README.md: at most 250 lines, with the figure and the headline table on its first screen."""
     lines = (ROOT / "README.md").read_text().splitlines()
