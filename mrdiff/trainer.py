@@ -132,7 +132,7 @@ class MrdiffTrainer(Trainer):
                 images = model.pipeline.sample(seeds, height, width, sampling=sampling, time_cond=time_cond,
                                                progress=True, method=chosen)
             suffix = "" if time_cond is None else ("_noiseshift" if noiseshift else f"_{shift}")
-            suffix += f"_{method}" if method else ("_scaled_attention" if sampling.attention_scaling else "")
+            suffix += (f"_{method}" if method else "") + ("_scaled_attention" if attention_scaling else "")
             wanted = out / f"samples_{resolution_key(height, width)}{suffix}.png"
             path = unused_path(wanted)
             with atomic_write(path) as f:

@@ -368,3 +368,44 @@ def test_a_later_report_of_the_same_samples_adds_the_metrics_the_first_lacks(tmp
     assert out["cells"]["m"]["64"] == {**first, "radius_error_lo": 0.04, "radius_error_hi": 0.07}  # kid kept
     out = merged([{"meta": meta, "cells": {"m": {"64": first}}}, {"meta": meta, "cells": {"m": {"64": other}}}])
     assert out["cells"]["m"]["64"] == first
+
+
+def test_the_verdict_leaves_out_trained_models_rows_and_says_when_nothing_trades_off(tmp_path):
+    """A trained model's own '+ redenoise' row is no baseline; rows only dominated or unresolved are no
+    trade-off; intervals that touch as printed tie; no training-free row at all is one error line."""
+    import json
+
+    from mrdiff.evidence.summary import main
+
+    rate = lambda v, lo, hi: {"one_sun_rate": v, "one_sun_rate_lo": lo, "one_sun_rate_hi": hi}  # noqa: E731
+    cells = {"mr": rate(0.80, 0.76, 0.84), "mr + redenoise": rate(1.0, 0.99, 1.0),  # better, but mr's own row
+             "fixed + redilation": rate(0.60, 0.55, 0.65), "fixed + upsample": rate(0.80, 0.77, 0.83),
+             "fixed + window_fusion": rate(0.90, 0.843, 0.95)}  # 0.84 and 0.84 as printed: they touch, a tie
+
+    def verdict_of(name: str) -> list[str]:
+        (tmp_path / "table.json").write_text(json.dumps({"meta": {"command": "cmd", "base_resolution": 32},
+                                                         "cells": {row: {"64": c} for row, c in cells.items()}}))
+        main([str(tmp_path), "--at", "64", "--verdict", "mr", "--out", str(tmp_path / name)])
+        return (tmp_path / name).read_text().splitlines()
+
+    lines = verdict_of("a.md")
+    judged = "\n".join(lines[next(i for i, line in enumerate(lines) if line.startswith("**Verdict")):])
+    assert "| mr + redenoise |" not in judged and "| fixed + window_fusion | = | no difference" in judged
+    assert lines[-1] == ("Verdict: no training-free row dominates the trained models or trades off against them; "
+                         "1 dominated, 2 no difference resolved.")
+    cells = {"mr": rate(0.80, 0.76, 0.84), "mr + redenoise": rate(1.0, 0.99, 1.0)}
+    with pytest.raises(SystemExit, match="--verdict: the reports have no a training-free row"):
+        verdict_of("b.md")
+
+
+def test_a_summary_refuses_reports_on_other_seeds_and_takes_a_size_the_first_lacks(tmp_path):
+    from mrdiff.evidence.summary import merged
+
+    meta = {"command": "c", "base_resolution": 32, "first_seed": 0, "num_samples": 400, "sampler": "ddim",
+            "steps": 25, "eta": 1.0}
+    a = {"meta": meta, "cells": {"m": {"64": {"one_sun_rate": 0.8}}}}
+    b = {"meta": meta, "cells": {"m": {"48": {"one_sun_rate": 0.9}, "64": {"kid": 0.1}}}}  # no shared metric
+    out = merged([a, b])["cells"]["m"]
+    assert out == {"64": {"one_sun_rate": 0.8}, "48": {"one_sun_rate": 0.9}}  # 64: nothing to check it by
+    with pytest.raises(ValueError, match="differs from the first report in first_seed"):
+        merged([a, {**b, "meta": {**meta, "first_seed": 1000}}])

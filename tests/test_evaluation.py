@@ -176,17 +176,22 @@ def test_mrdiff_test_has_the_training_free_rows_above_r_scored_as_the_evidence_r
     matrix.radii = reference_radii(1000, data.hparams.seed)
     matrix.model("mrdiff", model.pipeline, {"global_step": 4})
     evidence = matrix.cells["mrdiff + redilation"]["32"]
-    for metric in ("one_sun_rate", "mean_num_suns", "stacked_horizon_rate"):
+    for metric in ("one_sun_rate", "mean_num_suns", "stacked_horizon_rate"):  # detail: other reference sets
         for suffix in ("", "_lo", "_hi"):
             assert cells["mrdiff + redilation"]["32"][metric + suffix] == pytest.approx(evidence[metric + suffix])
+    plain = cells["mrdiff"]["32"]["spectrum_distance"]  # re-dilated samples are other samples than plain ones
+    assert cells["mrdiff + redilation"]["32"]["spectrum_distance"] != pytest.approx(plain, rel=1e-6)
 
 
 def test_training_free_args_for_a_method_not_asked_for_fail_in_one_line(trained, tmp_path, capsys):
     config = write_config(tmp_path / "test.yaml", tmp_path / "run",
                           evaluation(training_free=["redilation"], training_free_args="redenoise.t0=300"))
-    with pytest.raises((SystemExit, ValueError), match="not among training_free|redenoise") as raised:
-        main(["test", "--config", str(config), f"--ckpt_path={trained[1]}"])
-    assert raised.type is ValueError or raised.value.code != 0
+    with pytest.raises(SystemExit) as raised:
+        main(["test", "--config", str(config), f"--ckpt_path={trained[1]}"], exit_on_error=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert raised.value.code == 2 and len(err) == 1 and err[0].startswith("mrdiff: error:"), err
+    assert "training_free_args sets ['redenoise'], not among training_free ['redilation']" in err[0]
+    assert not (tmp_path / "run" / "eval_table.json").exists()
 
 
 def calibrated_run(ckpt: Path, run_dir: Path, resolutions: str) -> tuple[Path, Path]:

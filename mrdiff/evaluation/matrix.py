@@ -164,7 +164,8 @@ class Matrix:
             for variant in s.variants:
                 if variant != "plain" and s.shifted_at is not None and hw not in s.shifted_at:
                     continue
-                if variant in TRAINING_FREE and (hw[0] * hw[1] <= side**2 or name not in (s.training_free or [name])):
+                others = s.training_free is not None and name not in s.training_free  # not this model's rows
+                if variant in TRAINING_FREE and (hw[0] * hw[1] <= side**2 or others):
                     continue
                 start = time.time()
                 cond = self.variant_cond(name, pipeline, variant, hw)

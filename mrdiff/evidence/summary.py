@@ -59,7 +59,8 @@ VERDICT_METRICS = (  # (metric, heading, format, higher is better)
 
 
 def best(rows: dict[str, dict], metric: str, higher: bool) -> tuple[str, dict] | None:
-    """The row with the best value of `metric` (ties: the narrower interval), None when no row measured it."""
+    """The row with the best value of `metric` (ties: the narrower interval; one without an interval last), None
+    when no row measured it."""
     measured = [(row, cell) for row, cell in rows.items() if cell and math.isfinite(cell.get(metric, math.nan))]
     if not measured:
         return None
@@ -67,26 +68,28 @@ def best(rows: dict[str, dict], metric: str, higher: bool) -> tuple[str, dict] |
     def key(item: tuple[str, dict]) -> tuple[float, float]:
         cell = item[1]
         width = cell.get(f"{metric}_hi", math.nan) - cell.get(f"{metric}_lo", math.nan)
-        return (-cell[metric] if higher else cell[metric], width if math.isfinite(width) else 0.0)
+        return (-cell[metric] if higher else cell[metric], width if math.isfinite(width) else math.inf)
 
     return min(measured, key=key)
 
 
-def winner(a: dict, b: dict, metric: str, higher: bool) -> str:
-    """'a' or 'b' where the two 95% intervals are disjoint, 'tie' where they overlap, 'untested' where either
+def winner(a: dict, b: dict, metric: str, higher: bool, pattern: str = "{:.4f}") -> str:
+    """'a' or 'b' where the two 95% intervals are disjoint as printed (`pattern`'s precision: bounds that touch
+    there are within the bootstrap's own noise), 'tie' where they overlap or touch, 'untested' where either
     cell has none (a report from before the metric had one)."""
-    lo_a, hi_a = a.get(f"{metric}_lo", math.nan), a.get(f"{metric}_hi", math.nan)
-    lo_b, hi_b = b.get(f"{metric}_lo", math.nan), b.get(f"{metric}_hi", math.nan)
-    if not all(math.isfinite(x) for x in (lo_a, hi_a, lo_b, hi_b)):
+    bounds = [float(pattern.format(c.get(f"{metric}_{end}", math.nan))) for c in (a, b) for end in ("lo", "hi")]
+    if not all(math.isfinite(x) for x in bounds):
         return "untested"
+    lo_a, hi_a, lo_b, hi_b = bounds
     if lo_a > hi_b or hi_a < lo_b:
         return "a" if (lo_a > hi_b) == higher else "b"
     return "tie"
 
 
-def is_training_free(row: str) -> bool:
-    """'<model> + <method>' rows of a training-free method or of upsampling."""
-    return row.rpartition(" + ")[2] in (*TRAINING_FREE, "upsample")
+def is_training_free(row: str, trained: list[str]) -> bool:
+    """'<model> + <method>' rows of a training-free method or of upsampling, on a model other than `trained`."""
+    model, _, method = row.rpartition(" + ")
+    return method in (*TRAINING_FREE, "upsample") and model not in trained
 
 
 OUTCOME = {"a": "trained", "b": "training-free", "tie": "neither (intervals overlap)",
@@ -99,10 +102,13 @@ def verdict(result: dict, at: str, trained: list[str]) -> str:
     training-free row against the best trained row of each metric, whether it dominates them, is dominated or
     trades off; and the verdict: the trained models dominated by a row, dominating every row, or a trade-off."""
     cells = {row: by_size.get(at) for row, by_size in result["cells"].items()}
-    free = {row: cell for row, cell in cells.items() if is_training_free(row) and cell}
+    free = {row: cell for row, cell in cells.items() if is_training_free(row, trained) and cell}
     ours = {row: cells.get(row) for row in trained}
     measured = [(metric, heading, pattern, higher, top) for metric, heading, pattern, higher in VERDICT_METRICS
                 if (top := best(ours, metric, higher)) is not None]
+    if not measured or not free:
+        missing = "a cell of " + ", ".join(trained) if not measured else "a training-free row ('<model> + <method>')"
+        raise ValueError(f"the reports have no {missing} at {at}: nothing to judge")
     lines = [f"**Verdict at {at}**: the best of {', '.join(trained)} against the best training-free row, per "
              "metric; won where the 95% intervals are disjoint.", "",
              "| metric | best trained | best training-free | wins |", "|---|---|---|---|"]
@@ -110,32 +116,35 @@ def verdict(result: dict, at: str, trained: list[str]) -> str:
         if (other := best(free, metric, higher)) is not None:
             lines.append(f"| {heading} | {top[0]} {format_cell(top[1], metric, pattern)} | "
                          f"{other[0]} {format_cell(other[1], metric, pattern)} | "
-                         f"{OUTCOME[winner(top[1], other[1], metric, higher)]} |")
+                         f"{OUTCOME[winner(top[1], other[1], metric, higher, pattern)]} |")
     lines += ["", "Each training-free row against the best trained row of each metric (better or worse: disjoint "
               "intervals; =: they overlap; ?: no interval):", "",
               "| training-free row | " + " | ".join(m[1] for m in measured) + " | against the trained models |",
               "|---|" + "---|" * (len(measured) + 1)]
     states: dict[str, str] = {}
     for row, cell in free.items():
-        marks = [MARK[winner(top[1], cell, metric, higher)] if math.isfinite(cell.get(metric, math.nan)) else "–"
-                 for metric, _, _, higher, top in measured]
+        marks = [MARK[winner(top[1], cell, metric, higher, pattern)] if math.isfinite(cell.get(metric, math.nan))
+                 else "–" for metric, _, pattern, higher, top in measured]
         better, worse = "better" in marks, "worse" in marks
         states[row] = ("dominates them" if better and not worse else "dominated" if worse and not better
                        else "trade-off" if better else "no difference resolved")
         lines.append(f"| {row} | " + " | ".join(marks) + f" | {states[row]} |")
     above = [row for row, state in states.items() if state == "dominates them"]
+    counts = ", ".join(f"{sum(s == state for s in states.values())} {'trade off' if state == 'trade-off' else state}"
+                       for state in sorted(set(states.values())))
     if above:
         said = f"the trained models are dominated by {', '.join(above)}"
-    elif states and all(state == "dominated" for state in states.values()):
+    elif all(state == "dominated" for state in states.values()):
         said = "the trained models dominate every training-free row"
+    elif "trade-off" in states.values():
+        said = f"a trade-off: no training-free row dominates the trained models; {counts}"
     else:
-        counts = {state: sum(s == state for s in states.values()) for state in sorted(set(states.values()))}
-        said = "a trade-off: no training-free row dominates the trained models; " + ", ".join(
-            f"{n} {'trade off' if state == 'trade-off' else state}" for state, n in counts.items())
+        said = f"no training-free row dominates the trained models or trades off against them; {counts}"
     return "\n".join([*lines, "", f"Verdict: {said}."]) + "\n"
 
 
 SAME_SAMPLES = ("one_sun_rate", "mean_num_suns", "stacked_horizon_rate", "spectrum_distance", "radius_error")
+SAME_SEEDS = ("first_seed", "num_samples", "sampler", "steps", "eta")  # what pairs the rows of several reports
 
 
 def merged(results: list[dict]) -> dict:
@@ -143,8 +152,15 @@ def merged(results: list[dict]) -> dict:
 
     A row already there (e.g. ground truth) keeps the first report's cells; a later report's cell of that row
     and size adds only the metrics the first lacks (such as an interval a later mrdiff computes), and only if
-    the numbers both have agree exactly, which they do for the same samples (same weights, seeds and sampler);
-    otherwise the first report's cell stands alone."""
+    the numbers both have agree exactly (at least one of them), which they do for the same samples (same weights,
+    seeds and sampler); otherwise the first report's cell stands alone, and a line says so. A size the first
+    lacks is taken whole. Reports sampled on other seeds or with another sampler are refused (ValueError)."""
+    first_meta = results[0]["meta"]
+    for result in results[1:]:
+        differ = [k for k in SAME_SEEDS if result["meta"].get(k) != first_meta.get(k)]
+        if differ:
+            raise ValueError(f"{result['meta']['command']!r} differs from the first report in {', '.join(differ)}: "
+                             f"their rows are not paired by seed; summarise reports sampled alike")
     cells: dict[str, dict] = {}
     for result in results:
         for row, by_size in result["cells"].items():
@@ -153,8 +169,14 @@ def merged(results: list[dict]) -> dict:
                 continue
             for size, cell in by_size.items():
                 first = cells[row].get(size)
-                if first is not None and all(first.get(m) == cell.get(m) for m in SAME_SAMPLES if m in first):
+                shared = [m for m in SAME_SAMPLES if m in first and m in cell] if first is not None else []
+                if first is None:
+                    cells[row][size] = dict(cell)
+                elif shared and all(first[m] == cell[m] for m in shared):
                     cells[row][size] = {**cell, **first}
+                else:
+                    info(f"mrdiff: {row!r} at {size} differs between reports (other samples?): the first report's "
+                         "cell is kept alone")
     command = "`; `".join(r["meta"]["command"] for r in results)
     return {"meta": {**results[0]["meta"], "command": command}, "cells": cells}
 
@@ -173,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if len(args.reports) > 1 and args.out is None:
         raise SystemExit("mrdiff: error: several reports need --out FILE: the summary belongs to none of them")
-    result = merged([json.loads((report / "table.json").read_text()) for report in args.reports])
+    try:
+        result = merged([json.loads((report / "table.json").read_text()) for report in args.reports])
+    except ValueError as error:
+        raise SystemExit(f"mrdiff: error: {error}") from None
     at = resolution_key(*parse_resolution(args.at))
     text = summary(result, at)
     if args.verdict:
@@ -181,7 +206,10 @@ def main(argv: list[str] | None = None) -> None:
         if set(trained) - set(result["cells"]):
             raise SystemExit(f"mrdiff: error: --verdict names {sorted(set(trained) - set(result['cells']))}, rows "
                              f"no report has: pick them from {', '.join(result['cells'])}")
-        text += "\n" + verdict(result, at, trained)
+        try:
+            text += "\n" + verdict(result, at, trained)
+        except ValueError as error:
+            raise SystemExit(f"mrdiff: error: --verdict: {error}") from None
     out = args.out or args.reports[0] / f"summary_{at}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -45,7 +45,9 @@ def bootstrap_interval(values: np.ndarray, statistic: Callable[[np.ndarray], flo
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     stats = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(resamples)]
-    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+    if np.isnan(stats).all():
+        return math.nan, math.nan
+    return float(np.nanpercentile(stats, 2.5)), float(np.nanpercentile(stats, 97.5))  # nan: an empty resample
 
 
 def _luminance(images: Tensor) -> Tensor:
