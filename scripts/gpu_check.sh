@@ -12,12 +12,12 @@
 # On the device machine its image's python3 holds torch, lightning, torchmetrics and pytest; the pure-Python rest
 # (jsonargparse for mrdiff's CLI, diffusers for the reference rows) travels as wheels: run
 # `bash scripts/gpu_wheels.sh` here first and carry .whl. Elsewhere, a venv from `make install` does: set
-# PYTHON=.venv/bin/python. Outputs (8 files) go to $OUT, which the device runner sets; default ./gpu_out.
+# PYTHON=.venv/bin/python. Outputs (8 files) go to $OUT, which the device runner sets; default ./gpu_out/<UTC time>/.
 # A rerun of some stages only: ONLY=train,sampling bash scripts/gpu_check.sh (setup always runs); the timeouts
 # (T_TESTS, T_TRAIN, T_SAMPLE) and the bench arguments (TRAIN_ARGS, SAMPLE_ARGS) can be set the same way.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-./gpu_out}
+OUT=${OUT:-./gpu_out/$(date -u +%Y%m%d-%H%M%S)}  # a new folder per run: an earlier one is kept
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 T_SETUP=${T_SETUP:-30} T_TESTS=${T_TESTS:-130} T_TRAIN=${T_TRAIN:-160} T_SAMPLE=${T_SAMPLE:-140}

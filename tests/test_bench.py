@@ -27,10 +27,13 @@ def tiny(monkeypatch):
 @pytest.mark.slow
 def test_bench_runs_and_reports_flops_and_ratios(tmp_path, monkeypatch, one_thread, tiny):
     pytest.importorskip("diffusers")
-    out = tmp_path / "bench.json"
-    monkeypatch.setattr(sys, "argv", ["bench", "--preset", "tiny", "--repeats", "1", "--out", str(out),
+    earlier = tmp_path / "bench.json"
+    earlier.write_text('{"rows": "an earlier run"}')
+    monkeypatch.setattr(sys, "argv", ["bench", "--preset", "tiny", "--repeats", "1", "--out", str(earlier),
                                       "--peak-tflops", "1.0"])
     bench.main()
+    assert earlier.read_text() == '{"rows": "an earlier run"}'  # kept: the new figures go beside it
+    out = tmp_path / "bench-2.json"
     result = json.loads(out.read_text())
     rows = result["rows"]
     fixed, ref = rows["train fixed U-Net fp32"], rows["train diffusers UNet2DModel fp32"]

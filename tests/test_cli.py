@@ -117,6 +117,8 @@ def test_sample_takes_the_training_free_methods(tiny_config_file, tmp_path, caps
     main(base)
     main([*base, "--method=window_fusion", "--method_args=window_fusion.window=24"])
     main([*base, "--method=redilation"])
+    main([*base, "--method=redilation", "--attention_scaling=true"])
+    assert (out / "samples_24_redilation_scaled_attention.png").is_file()
     with Image.open(out / "samples_24.png") as plain, Image.open(out / "samples_24_window_fusion.png") as fused:
         assert np.array_equal(np.asarray(plain), np.asarray(fused))
     with Image.open(out / "samples_24.png") as plain, Image.open(out / "samples_24_redilation.png") as dilated:

@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,12 +306,23 @@ def test_summary_of_several_reports_puts_their_rows_in_one_table(tmp_path):
     assert lines[4].split(" | ")[2] == "1.00"  # the first report's ground truth
 
 
+def summary_at_64(folder: Path, cells: dict[str, dict], name: str, verdict: str, *more: str) -> list[str]:
+    """`cells` (row → its metrics at 64) as a report in `folder`, summarised at 64 with --verdict into folder/name."""
+    import json
+
+    from mrdiff.evidence.summary import main
+
+    (folder / "table.json").write_text(json.dumps({"meta": {"command": "cmd", "base_resolution": 32},
+                                                   "cells": {row: {"64": c} for row, c in cells.items()}}))
+    main([str(folder), "--at", "64", "--verdict", verdict, "--out", str(folder / name), *more])
+    return (folder / name).read_text().splitlines()
+
+
 def test_summary_verdict_compares_the_best_trained_and_training_free_rows_by_their_intervals(tmp_path):
     """--verdict: per metric the best trained row (of those named) against the best training-free row (methods
     and upsampling, not the plain fixed model); then each training-free row against the best trained row of each
     metric: disjoint intervals win, overlapping ones tie, a missing interval decides nothing; the verdict names a
     row that dominates the trained models, says when they dominate every row, and otherwise calls a trade-off."""
-    import json
 
     from mrdiff.evidence.summary import main
 
@@ -325,13 +337,7 @@ def test_summary_verdict_compares_the_best_trained_and_training_free_rows_by_the
              "fixed + redenoise": cell(1.00, 0.99, 1.00, 0.20, 0.18, 0.22, 0.16),
              "fixed + upsample": cell(0.82, 0.78, 0.86, 0.09, 0.08, 0.10, 0.05)}
 
-    def lines_of(name: str) -> list[str]:
-        (tmp_path / "table.json").write_text(json.dumps({"meta": {"command": "cmd", "base_resolution": 32},
-                                                         "cells": {row: {"64": c} for row, c in cells.items()}}))
-        main([str(tmp_path), "--at", "64", "--verdict", "mr_a,mr_b", "--out", str(tmp_path / name)])
-        return (tmp_path / name).read_text().splitlines()
-
-    lines = lines_of("a.md")
+    lines = summary_at_64(tmp_path, cells, "a.md", "mr_a,mr_b")
     rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ") and " | " in line}
     assert rows["one-sun rate"] == ("| one-sun rate | mr_a 0.80 [0.76, 0.84] | fixed + redenoise 1.00 [0.99, 1.00] "
                                     "| training-free |")
@@ -344,12 +350,13 @@ def test_summary_verdict_compares_the_best_trained_and_training_free_rows_by_the
                          "1 trade off.")
     cells["fixed + redenoise"] = cell(0.78, 0.74, 0.82, 0.20, 0.18, 0.22, 0.16)  # now within mr_a's interval
     cells["fixed + upsample"] = cell(0.75, 0.70, 0.80, 0.09, 0.08, 0.10, 0.05)
-    lines = lines_of("b.md")
+    lines = summary_at_64(tmp_path, cells, "b.md", "mr_a,mr_b")
     assert ("| one-sun rate | mr_a 0.80 [0.76, 0.84] | fixed + redenoise 0.78 [0.74, 0.82] | neither (intervals "
             "overlap) |") in lines
     assert lines[-1] == "Verdict: the trained models dominate every training-free row."
     cells["fixed + redilation"] = cell(0.95, 0.93, 0.97, 0.042, 0.037, 0.047, 0.2)  # better, and KID overlaps mr_b
-    assert lines_of("c.md")[-1] == "Verdict: the trained models are dominated by fixed + redilation."
+    verdict = summary_at_64(tmp_path, cells, "c.md", "mr_a,mr_b")[-1]
+    assert verdict == "Verdict: the trained models are dominated by fixed + redilation."
     with pytest.raises(SystemExit, match="--verdict names \\['mr_c'\\]"):
         main([str(tmp_path), "--at", "64", "--verdict", "mr_c", "--out", str(tmp_path / "x.md")])
 
@@ -373,29 +380,21 @@ def test_a_later_report_of_the_same_samples_adds_the_metrics_the_first_lacks(tmp
 def test_the_verdict_leaves_out_trained_models_rows_and_says_when_nothing_trades_off(tmp_path):
     """A trained model's own '+ redenoise' row is no baseline; rows only dominated or unresolved are no
     trade-off; intervals that touch as printed tie; no training-free row at all is one error line."""
-    import json
 
-    from mrdiff.evidence.summary import main
 
     rate = lambda v, lo, hi: {"one_sun_rate": v, "one_sun_rate_lo": lo, "one_sun_rate_hi": hi}  # noqa: E731
     cells = {"mr": rate(0.80, 0.76, 0.84), "mr + redenoise": rate(1.0, 0.99, 1.0),  # better, but mr's own row
              "fixed + redilation": rate(0.60, 0.55, 0.65), "fixed + upsample": rate(0.80, 0.77, 0.83),
              "fixed + window_fusion": rate(0.90, 0.843, 0.95)}  # 0.84 and 0.84 as printed: they touch, a tie
 
-    def verdict_of(name: str) -> list[str]:
-        (tmp_path / "table.json").write_text(json.dumps({"meta": {"command": "cmd", "base_resolution": 32},
-                                                         "cells": {row: {"64": c} for row, c in cells.items()}}))
-        main([str(tmp_path), "--at", "64", "--verdict", "mr", "--out", str(tmp_path / name)])
-        return (tmp_path / name).read_text().splitlines()
-
-    lines = verdict_of("a.md")
+    lines = summary_at_64(tmp_path, cells, "a.md", "mr")
     judged = "\n".join(lines[next(i for i, line in enumerate(lines) if line.startswith("**Verdict")):])
     assert "| mr + redenoise |" not in judged and "| fixed + window_fusion | = | no difference" in judged
     assert lines[-1] == ("Verdict: no training-free row dominates the trained models or trades off against them; "
                          "1 dominated, 2 no difference resolved.")
     cells = {"mr": rate(0.80, 0.76, 0.84), "mr + redenoise": rate(1.0, 0.99, 1.0)}
     with pytest.raises(SystemExit, match="--verdict: the reports have no a training-free row"):
-        verdict_of("b.md")
+        summary_at_64(tmp_path, cells, "b.md", "mr")
 
 
 def test_a_summary_refuses_reports_on_other_seeds_and_takes_a_size_the_first_lacks(tmp_path):
@@ -409,3 +408,16 @@ def test_a_summary_refuses_reports_on_other_seeds_and_takes_a_size_the_first_lac
     assert out == {"64": {"one_sun_rate": 0.8}, "48": {"one_sun_rate": 0.9}}  # 64: nothing to check it by
     with pytest.raises(ValueError, match="differs from the first report in first_seed"):
         merged([a, {**b, "meta": {**meta, "first_seed": 1000}}])
+
+
+def test_a_summary_never_replaces_a_different_one_unless_asked(tmp_path):
+    """Rewriting the same summary is a no-op; a different one is refused (file untouched) until --replace."""
+    rate = {"one_sun_rate": 0.8, "one_sun_rate_lo": 0.7, "one_sun_rate_hi": 0.9}
+    cells = {"mr": rate, "fixed + upsample": {**rate, "one_sun_rate": 0.5, "one_sun_rate_hi": 0.6}}
+    first = summary_at_64(tmp_path, cells, "s.md", "mr")
+    assert summary_at_64(tmp_path, cells, "s.md", "mr") == first
+    cells["mr"] = {**rate, "one_sun_rate": 0.85}
+    with pytest.raises(SystemExit, match="holds another summary: pass --replace"):
+        summary_at_64(tmp_path, cells, "s.md", "mr")
+    assert (tmp_path / "s.md").read_text().splitlines() == first
+    assert summary_at_64(tmp_path, cells, "s.md", "mr", "--replace") != first

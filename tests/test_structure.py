@@ -210,3 +210,16 @@ def test_radius_error_carries_a_bootstrap_interval_of_the_normal_width():
     assert cell["radius_error_lo"] < cell["radius_error"] < cell["radius_error_hi"]
     width = 2 * 1.96 * radii.std() / np.sqrt(n) / 0.2
     assert cell["radius_error_hi"] - cell["radius_error_lo"] == pytest.approx(width, rel=0.15)
+
+
+def test_radius_error_interval_survives_resamples_without_a_sun():
+    """One sun in 100 images: about a third of the bootstrap resamples hold none; the interval is still the
+    single radius's error (a point), not NaN."""
+    from mrdiff.evaluation.scores import structure_metrics
+    from mrdiff.metrics.structure import ImageScan
+
+    found = _one_sun_scan(np.array([0.3]))
+    found = ImageScan(found.suns + [[] for _ in range(99)], np.ones(100, dtype=bool), np.zeros(100, dtype=bool))
+    cell = structure_metrics(found, [0.2], "64")
+    assert cell["radius_error"] == pytest.approx(0.5)
+    assert cell["radius_error_lo"] == pytest.approx(0.5) and cell["radius_error_hi"] == pytest.approx(0.5)

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,7 @@ from mrdiff.bench.report import report
 from mrdiff.bench.sampling import calibration_seconds, parse_sampler, sampling_rows
 from mrdiff.bench.training import TRAINING_ROWS, training_rows
 from mrdiff.console import info
+from mrdiff.utils import atomic_write, unused_path
 
 ROWS = (*TRAINING_ROWS, "sampling", "calibration")
 
@@ -113,9 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         for res, seconds in result["calibration_seconds"].items():
             info(f"  {res}²: {seconds:.1f} s")
     result["meta"]["seconds"] = time.perf_counter() - start
-    with open(args.out, "w") as f:
+    out = unused_path(Path(args.out))  # an earlier run's figures are kept: bench-2.json, …
+    with atomic_write(out, "w") as f:
         json.dump(result, f, indent=1)
-    info(f"\nmrdiff.bench: wrote {args.out} ({result['meta']['seconds']:.0f} s)")
+    info(f"\nmrdiff.bench: wrote {out} ({result['meta']['seconds']:.0f} s)")
 
 
 def cudagraph_skips() -> int:

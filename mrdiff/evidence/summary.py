@@ -21,6 +21,7 @@ from mrdiff.console import info
 from mrdiff.evaluation.cells import TRAINING_FREE
 from mrdiff.evaluation.report import format_cell
 from mrdiff.resolution import parse_resolution, resolution_key
+from mrdiff.utils import atomic_write
 
 COLUMNS = (  # (metric, heading, format, read at R?)
     ("one_sun_rate", "one-sun rate at R", "{:.2f}", True),
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
                              "best training-free row per metric, and the verdict")
     parser.add_argument("--out", type=Path, default=None,
                         help="the summary file (default: summary_<at>.md beside the one report; needed for several)")
+    parser.add_argument("--replace", action="store_true",
+                        help="rewrite an existing summary that differs (one that would come out the same is left)")
     args = parser.parse_args(argv)
     if len(args.reports) > 1 and args.out is None:
         raise SystemExit("mrdiff: error: several reports need --out FILE: the summary belongs to none of them")
@@ -211,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as error:
             raise SystemExit(f"mrdiff: error: --verdict: {error}") from None
     out = args.out or args.reports[0] / f"summary_{at}.md"
+    if out.is_file() and out.read_text() != text and not args.replace:
+        raise SystemExit(f"mrdiff: error: {out} holds another summary: pass --replace to rewrite it (the docs that "
+                         f"paste it must then be updated), or another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    with atomic_write(out, "w") as f:
+        f.write(text)
     info(text.rstrip())
