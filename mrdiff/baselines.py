@@ -193,6 +193,18 @@ def parse_method_args(text: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def method_args_for(text: str, methods: Sequence[str], what: str, where: str) -> dict[str, dict[str, Any]]:
+    """parse_method_args(text) for an option `what` whose arguments may only name `methods`: one ValueError
+    starting with `what` for a bad item, or '<what> sets [...], <where>' for a method outside them."""
+    try:
+        args = parse_method_args(text)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
+    if set(args) - set(methods):
+        raise ValueError(f"{what} sets {sorted(set(args) - set(methods))}, {where}")
+    return args
+
+
 def method(name: str, **overrides: Any) -> Redilation | WindowFusion | Redenoise:
     """The method `name` (a key of METHODS) with its defaults, some overridden."""
     return METHODS[name](**overrides)

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torchvision.utils import save_image
 
-from mrdiff.baselines import METHODS, parse_method_args
+from mrdiff.baselines import METHODS, method_args_for
 from mrdiff.callbacks.checkpoint import RunCheckpoint
 from mrdiff.callbacks.progress import RunProgressBar
 from mrdiff.callbacks.sample_grid import SampleGrid
@@ -113,10 +113,8 @@ class MrdiffTrainer(Trainer):
         resolutions = resolutions or (grid.resolutions if grid else [64])
         sampling = overridden(grid.sampling if grid else SamplingSettings(), sampler=sampler, steps=steps, eta=eta,
                               attention_scaling=attention_scaling)
-        args = parse_method_args(method_args)
-        if set(args) - {method}:
-            raise ValueError(f"--method_args {method_args!r} sets {sorted(set(args) - {method})}, not --method "
-                             f"{method}: pass --method with one of {', '.join(METHODS)}")
+        args = method_args_for(method_args, [method] if method else [], f"--method_args {method_args!r}",
+                               f"not --method {method}: pass --method with one of {', '.join(METHODS)}")
         chosen = METHODS[method](**args.get(method, {})) if method else None
         sizes = checked_resolutions(model.net, resolutions)
         model = self._load_for_inference(model, ckpt_path, "sample")

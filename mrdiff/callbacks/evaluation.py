@@ -19,14 +19,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mrdiff.baselines import parse_method_args, upsample
+from mrdiff.baselines import method_args_for, upsample
 from mrdiff.callbacks.ema import ema_weights
 from mrdiff.callbacks.media import log_figure, log_table
 from mrdiff.checkpoint import run_dir_of
 from mrdiff.console import info
 from mrdiff.data.synthetic import reference_radii
 from mrdiff.diffusion.samplers import SamplingSettings
-from mrdiff.evaluation.cells import TRAINING_FREE, Variant, gather, generate, training_free
+from mrdiff.evaluation.cells import TRAINING_FREE, Variant, above_training_size, gather, generate, training_free
 from mrdiff.evaluation.scores import InceptionScores, SharedFeatures, score_cell
 from mrdiff.evaluation.table import EvalTable, finite, plot_eval_table
 from mrdiff.metrics.fid import (
@@ -113,10 +113,10 @@ class ResolutionEvaluation(L.Callback):
         self.num_samples, self.num_reference = num_samples, num_reference or num_samples
         self.sampling, self.seed = sampling or SamplingSettings(), seed
         self.noiseshift, self.analytic_shift, self.upsample = noiseshift, analytic_shift, upsample
-        self.training_free, self.training_free_args = list(training_free), parse_method_args(training_free_args)
-        if set(self.training_free_args) - set(self.training_free):
-            raise ValueError(f"training_free_args sets {sorted(set(self.training_free_args) - set(self.training_free))}"
-                             f", not among training_free {self.training_free}: add them there or drop their args")
+        self.training_free = list(training_free)
+        self.training_free_args = method_args_for(training_free_args, self.training_free, "training_free_args",
+                                                  f"not among training_free {self.training_free}: add them there "
+                                                  "or drop their args")
         self.fid, self.structure, self.inception_weights = fid, structure, inception_weights
         self.feature_extractor, self.cache_dir, self.batch_size = feature_extractor, cache_dir, batch_size
         self.every_n_epochs, self.name, self.progress = every_n_epochs, name, progress
@@ -184,8 +184,7 @@ class ResolutionEvaluation(L.Callback):
         pl_module.eval()
         rank, world = rank_and_world()
         batches = math.ceil(len(range(rank, self.num_samples, world)) / self.batch_size)
-        side = pipeline.train_resolution
-        cells = sum(v.kind not in ("upsample", *TRAINING_FREE) or (v.kind != "upsample" and h * w > side**2)
+        cells = sum(v.kind != "upsample" and (v.kind not in TRAINING_FREE or above_training_size(pipeline, h, w))
                     for v in table.variants for h, w in self.resolutions) + bool(self.upsample)
         calls = len(self.sampling.timesteps(pipeline.schedule))
         bar = tqdm(total=cells * batches * calls, unit="call", smoothing=0.1,
@@ -196,6 +195,7 @@ class ResolutionEvaluation(L.Callback):
         try:
             base = None  # the plain samples at the training size: the upsample row's source
             if self.upsample:
+                side = pipeline.train_resolution
                 base = generate(pipeline, seeds, side, side, sampling=self.sampling, batch_size=self.batch_size,
                                 context=context, progress=bar)
             for height, width in self.resolutions:
@@ -213,7 +213,7 @@ class ResolutionEvaluation(L.Callback):
         reference = torch.cat(list(trainer.datamodule.reference_images(*hw, self.num_reference, self.batch_size)))
         scores = self._inception_scores(trainer, pl_module, hw, reference)
         radii = self._reference_radii(trainer) if self._structure_on(trainer) else None
-        above = hw[0] * hw[1] > pipeline.train_resolution**2
+        above = above_training_size(pipeline, *hw)
         for variant in table.variants:
             bar.set_postfix_str(f"{variant.label} {key}", refresh=False)
             if variant.kind in ("upsample", *TRAINING_FREE) and not above:

@@ -98,6 +98,11 @@ def generate(
     return torch.cat(out) if out else torch.empty(0, pipeline.in_channels, height, width)
 
 
+def above_training_size(pipeline: DiffusionPipeline, height: int, width: int) -> bool:
+    """Where the baselines (upsampling, the training-free methods) have something to fix: more pixels than R²."""
+    return height * width > pipeline.train_resolution**2
+
+
 def training_free(kind: str, sampling: SamplingSettings,
                   args: dict[str, object] | None = None) -> tuple[SamplingSettings, SamplingMethod | None]:
     """How a row of `kind` samples: for a training-free one the settings with scaled attention on, or a method of

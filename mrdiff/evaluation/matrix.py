@@ -21,6 +21,7 @@ from mrdiff.evaluation.cells import (
     NOISESHIFT_RULES,
     TRAINING_FREE,
     Variant,
+    above_training_size,
     analytic_shift,
     generate,
     held_out_noiseshift,
@@ -165,7 +166,7 @@ class Matrix:
                 if variant != "plain" and s.shifted_at is not None and hw not in s.shifted_at:
                     continue
                 others = s.training_free is not None and name not in s.training_free  # not this model's rows
-                if variant in TRAINING_FREE and (hw[0] * hw[1] <= side**2 or others):
+                if variant in TRAINING_FREE and (not above_training_size(pipeline, *hw) or others):
                     continue
                 start = time.time()
                 cond = self.variant_cond(name, pipeline, variant, hw)
@@ -186,7 +187,7 @@ class Matrix:
             base = plain_at_r if plain_at_r is not None else generate(
                 pipeline, s.seeds, side, side, sampling=s.sampling, batch_size=s.batch_size)
             for hw in s.resolutions:
-                if hw[0] * hw[1] > side**2:
+                if above_training_size(pipeline, *hw):
                     self.add(Variant.of(name, "upsample").label, hw, upsample(base, *hw))
 
     def result(self) -> dict:

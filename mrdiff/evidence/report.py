@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mrdiff.baselines import parse_method_args
+from mrdiff.baselines import method_args_for
 from mrdiff.console import info
 from mrdiff.diffusion.samplers import SamplingSettings
 from mrdiff.evaluation.matrix import DEFAULT_VARIANTS, VARIANTS, Settings, evaluate
@@ -150,12 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"mrdiff: error: unknown --variants {sorted(set(variants) - set(VARIANTS))}: "
                          f"choose from {', '.join(VARIANTS)}")
     try:
-        variant_args = parse_method_args(args.variant_args)
+        variant_args = method_args_for(args.variant_args, variants, "--variant-args",
+                                       f"not among --variants {args.variants}")
     except ValueError as error:
-        raise SystemExit(f"mrdiff: error: --variant-args: {error}") from None
-    if set(variant_args) - set(variants):
-        raise SystemExit(f"mrdiff: error: --variant-args sets {sorted(set(variant_args) - set(variants))}, "
-                         f"not among --variants {args.variants}")
+        raise SystemExit(f"mrdiff: error: {error}") from None
     upsample = ("fixed",) if args.upsample is None else model_subset("--upsample", args.upsample, names + list(extra))
     free = None if args.training_free is None else model_subset("--training-free", args.training_free,
                                                                   names + list(extra))
